@@ -1,0 +1,114 @@
+"""The user-facing model: a config plus pure ``prefill`` / ``decode_step`` functions over a :class:`KVState`.
+
+Example::
+
+    cfg, params = kvjax.load_pretrained("smollm2-135m")
+    model = kvjax.Model(cfg)
+    state = model.init_state(batch=1, capacity=2048)
+    logits, state = model.prefill(params, tokens, state)
+    logits, state = model.decode_step(params, next_token, state)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.attention import Observe
+from kvjax.config import ModelConfig
+from kvjax.models import forward_fn
+from kvjax.state import KVState, init_state
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A decoder model config bound to its forward function. Hashable, so it can be a static jit argument.
+
+    ``impl`` selects the attention implementation: ``"reference"`` (jnp) or ``"pallas"`` (kernels).
+    """
+
+    cfg: ModelConfig
+    impl: str = "reference"
+
+    def __post_init__(self):
+        if self.impl not in ("reference", "pallas"):
+            raise ValueError(f"unknown attention impl {self.impl!r}; choose 'reference' or 'pallas'")
+
+    @property
+    def forward_impl(self):
+        return forward_fn(self.cfg)
+
+    def init_state(self, batch: int, capacity: int, dtype=jnp.float32, *, local_ring: bool = True) -> KVState:
+        """An empty full KV cache with ``capacity`` slots per global layer (see :func:`kvjax.state.init_state`)."""
+        return init_state(self.cfg, batch, capacity, dtype, local_ring=local_ring)
+
+    def check_inputs(self, tokens, state: KVState, token_mask=None) -> None:
+        """Raises a clear error for malformed tokens, masks, or a chunk that does not fit in the cache."""
+        if not hasattr(tokens, "ndim") or tokens.ndim != 2:
+            raise ValueError(f"tokens must be a 2-D (batch, time) integer array, got shape {getattr(tokens, 'shape', None)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must have an integer dtype, got {tokens.dtype}")
+        b, t = tokens.shape
+        if t == 0:
+            raise ValueError("tokens has no time steps")
+        if b != state.batch_size:
+            raise ValueError(f"tokens have batch {b} but the KV state was made for batch {state.batch_size}")
+        if len(state.layers) != self.cfg.num_layers:
+            raise ValueError(f"KV state has {len(state.layers)} layers, the model {self.cfg.num_layers}")
+        if token_mask is not None and tuple(token_mask.shape) != (b, t):
+            raise ValueError(f"token_mask shape {tuple(token_mask.shape)} != tokens shape {(b, t)}")
+        if _concrete(tokens):
+            tk = np.asarray(tokens)
+            if tk.size and (tk.min() < 0 or tk.max() >= self.cfg.vocab_size):
+                raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got range [{tk.min()}, {tk.max()}]")
+        for i, layer in enumerate(state.layers):
+            if getattr(layer, "ring_start", -1) >= 0 or not _concrete(layer.fill):
+                continue
+            need = int(np.max(np.asarray(layer.fill))) + t
+            if need > layer.capacity:
+                raise ValueError(
+                    f"positions past capacity: layer {i} holds {layer.capacity} slots, {need - t} are used and "
+                    f"{t} more tokens were given (make the state with a larger capacity or compress it first)")
+
+    def forward(self, params, tokens, state: KVState, token_mask=None, *, observe: Observe = Observe(),
+                logits: str = "all"):
+        """``(logits, new_state, observations)``; see :func:`kvjax.models.llama.forward`."""
+        self.check_inputs(tokens, state, token_mask)
+        return self.forward_impl(self.cfg, params, tokens, state, token_mask, observe=observe, impl=self.impl,
+                                 logits=logits)
+
+    def prefill(self, params, tokens, state: KVState, token_mask=None, *, logits: str = "all"):
+        """Writes a (batch of) prompt(s) into ``state``: returns ``(logits, new_state)``.
+
+        Padding: pass ``token_mask`` (False = pad); left and right padding both work, each row's positions count
+        only its real tokens. Call repeatedly for chunked prefill.
+        """
+        out, new_state, _ = self.forward(params, tokens, state, token_mask, logits=logits)
+        return out, new_state
+
+    def decode_step(self, params, token, state: KVState):
+        """One token per sequence (``token`` ``(B,)``): returns ``(logits (B, V), new_state)``."""
+        token = jnp.asarray(token)
+        if token.ndim != 1:
+            raise ValueError(f"decode_step takes one token per sequence, shape (batch,), got {token.shape}")
+        out, new_state, _ = self.forward(params, token[:, None], state)
+        return out[:, 0], new_state
+
+    @functools.cached_property
+    def jit_prefill(self):
+        return jax.jit(self.prefill, static_argnames=("logits",))
+
+    @functools.cached_property
+    def jit_decode_step(self):
+        return jax.jit(self.decode_step)
+
+    @functools.cached_property
+    def jit_forward(self):
+        return jax.jit(self.forward, static_argnames=("observe", "logits"))

@@ -1,0 +1,117 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as a pure function of ``(params, tokens, kv_state)``.
+
+Params layout (Linear weights as ``(in, out)``, so ``y = x @ w``)::
+
+    {"embed": (V, D), "norm": (D,), "lm_head": (D, V)  # absent when tied
+     "layers": ({"attn_norm", "q", "k", "v", "o", "q_bias"?, "k_bias"?, "v_bias"?,
+                 "mlp_norm", "gate", "up", "down"}, ...)}
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.attention import Observe, attend
+from kvjax.config import ModelConfig
+from kvjax.rope import apply_rope, dynamic_inv_frequencies, inv_frequencies
+from kvjax.state import KVState
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def token_positions(state: KVState, token_mask: jax.Array) -> jax.Array:
+    """Original positions ``(B, T)`` of a chunk's tokens (``-1`` for padding), continuing ``state.next_pos``."""
+    offs = jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1
+    return jnp.where(token_mask, state.next_pos[:, None] + offs, -1)
+
+
+def rope_frequencies(cfg: ModelConfig, pos: jax.Array, theta: float | None = None) -> jax.Array:
+    theta = cfg.rope_theta if theta is None else theta
+    if cfg.rope_scaling.rope_type == "dynamic":
+        return dynamic_inv_frequencies(cfg.head_dim, theta, cfg.rope_scaling, cfg.max_position_embeddings,
+                                       jnp.max(pos) + 1)
+    return jnp.asarray(inv_frequencies(cfg.head_dim, theta, cfg.rope_scaling, cfg.max_position_embeddings))
+
+
+def _proj(x, p, name):
+    y = x @ p[name]
+    if name + "_bias" in p:
+        y = y + p[name + "_bias"]
+    return y
+
+
+def attention_block(cfg: ModelConfig, p: dict, h: jax.Array, layer, pos: jax.Array, rope_pos: jax.Array,
+                    inv_freq: jax.Array, *, observe: Observe, impl: str, qk_norm=None, sm_scale=None,
+                    softcap: float = 0.0):
+    """Self-attention of one layer: projections, RoPE, cache write, attention. Returns ``(out, layer, obs)``."""
+    b, t, _ = h.shape
+    q = _proj(h, p, "q").reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = _proj(h, p, "k").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = _proj(h, p, "v").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if qk_norm is not None:
+        q, k = qk_norm(q, k)
+    q = apply_rope(q, rope_pos, inv_freq).transpose(0, 2, 1, 3)
+    k = apply_rope(k, rope_pos, inv_freq).transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    ring = getattr(layer, "ring_start", -1) >= 0
+    if ring and t > 1:
+        # A chunk may overwrite ring slots its own early queries still need: attend over cache + chunk first.
+        if observe:
+            raise ValueError("observations are not available on ring-buffer (sliding-window) layers during prefill")
+        pos_h = jnp.broadcast_to(pos[:, None, :], (b, cfg.num_kv_heads, t))
+        out, obs = attend(q, layer, pos, sm_scale=sm_scale, softcap=softcap, observe=observe, impl=impl,
+                          extra_kv=(k, v, pos_h))
+        layer = layer.append(k, v, pos)
+    else:
+        layer = layer.append(k, v, pos)
+        out, obs = attend(q, layer, pos, sm_scale=sm_scale, softcap=softcap, observe=observe, impl=impl)
+    out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    return out @ p["o"], layer, obs
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, token_mask: jax.Array | None = None,
+            *, observe: Observe = Observe(), impl: str = "reference", logits: str = "all"):
+    """Runs ``tokens`` ``(B, T)`` through the model, writing their keys/values into ``state``.
+
+    Returns ``(logits, new_state, observations)``; ``logits`` is ``(B, T, V)`` (``logits="all"``), the last valid
+    token's ``(B, V)`` (``"last"``) or ``None`` (``"none"``); observations are a tuple with one dict per layer.
+    """
+    if token_mask is None:
+        token_mask = jnp.ones(tokens.shape, bool)
+    pos = token_positions(state, token_mask)
+    rope_pos = jnp.where(token_mask, pos - state.rope_shift[:, None], 0)
+    inv_freq = rope_frequencies(cfg, jnp.where(token_mask, rope_pos, 0))
+    x = params["embed"][tokens]
+    new_layers, all_obs = [], []
+    for i, p in enumerate(params["layers"]):
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        a, layer, obs = attention_block(cfg, p, h, state.layers[i], pos, rope_pos, inv_freq, observe=observe,
+                                        impl=impl)
+        x = x + a
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
+        new_layers.append(layer)
+        all_obs.append(obs)
+    new_state = state.replace(layers=tuple(new_layers),
+                              next_pos=state.next_pos + jnp.sum(token_mask, axis=1, dtype=jnp.int32))
+    return lm_logits(cfg, params, x, token_mask, logits), new_state, tuple(all_obs)
+
+
+def lm_logits(cfg: ModelConfig, params: dict, x: jax.Array, token_mask: jax.Array, which: str,
+              final_norm=None) -> jax.Array | None:
+    """Final norm and LM head on all positions or only on each row's last valid token."""
+    if which == "none":
+        return None
+    if which == "last":
+        t = x.shape[1]
+        last = t - 1 - jnp.argmax(token_mask[:, ::-1], axis=1)
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    elif which != "all":
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
+    x = final_norm(x) if final_norm is not None else rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    head = params["lm_head"] if "lm_head" in params else params["embed"].T
+    return (x @ head).astype(jnp.float32)

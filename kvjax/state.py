@@ -1,0 +1,185 @@
+"""The KV state: one explicit, immutable pytree holding every layer's cache.
+
+Layout (see ``docs/design.md`` for how each compression family maps onto it):
+
+* :class:`DenseKV` — one layer's cache in float storage.
+  ``k``: ``(B, Hkv, C, Dk)``, ``v``: ``(B, Hkv, C, Dv)``, ``pos``: ``(B, Hkv, C)`` int32 original token position of
+  every slot (``-1`` = empty or padding, i.e. invalid), ``fill``: ``(B, Hkv)`` int32 number of slots written so far
+  (the next write goes to slot ``fill`` — or, for ring layers, wraps around), ``extras``: a dict of per-method arrays
+  (accumulated attention, scores...). Keys are stored *after* RoPE, at their original positions.
+  Static fields: ``window`` (sliding attention window of the layer, 0 = global) and ``ring_start`` (``-1``: a plain
+  buffer that must not overflow; ``r >= 0``: once full, writes wrap around slots ``[r, C)``, keeping slots ``[0, r)``
+  — attention sinks — forever; Gemma's local layers use ``r = 0``).
+* :class:`KVState` — ``layers`` (a tuple, one cache per layer; layers may differ in capacity and type, e.g. a
+  quantized cache class), ``next_pos`` ``(B,)`` the original position of the next token of each sequence, and
+  ``rope_shift`` ``(B,)`` subtracted from positions before RoPE is applied to new tokens (0 except for methods that
+  re-assign positions within the cache, like StreamingLLM).
+
+Every function here is pure: it returns a new state.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """What every per-layer cache class provides (dense, quantized, low-rank ...)."""
+
+    pos: Array
+    fill: Array
+
+    @property
+    def capacity(self) -> int: ...
+
+    def append(self, k: Array, v: Array, pos: Array) -> "LayerCache": ...
+
+    def dense(self) -> tuple[Array, Array]: ...
+
+
+@struct.dataclass
+class DenseKV:
+    """One layer's float KV cache (see module docstring)."""
+
+    k: Array
+    v: Array
+    pos: Array
+    fill: Array
+    extras: dict[str, Array] = struct.field(default_factory=dict)
+    window: int = struct.field(pytree_node=False, default=0)
+    ring_start: int = struct.field(pytree_node=False, default=-1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def valid(self) -> Array:
+        return self.pos >= 0
+
+    def dense(self) -> tuple[Array, Array]:
+        """Keys and values as float arrays ``(B, Hkv, C, D)``."""
+        return self.k, self.v
+
+    def write_slots(self, n_new: int) -> Array:
+        """Slot indices ``(B, Hkv, n_new)`` where the next ``n_new`` tokens go."""
+        t = self.fill[..., None] + jnp.arange(n_new, dtype=jnp.int32)
+        if self.ring_start < 0:
+            return t
+        r = self.ring_start
+        span = self.capacity - r
+        return jnp.where(t < self.capacity, t, r + (t - r) % span)
+
+    def append(self, k: Array, v: Array, pos: Array) -> "DenseKV":
+        """Writes ``n`` new tokens: ``k``/``v`` ``(B, Hkv, n, D)``, ``pos`` ``(B, n)`` (``-1`` = padding).
+
+        On a ring layer only the last ``capacity - ring_start`` tokens of a long chunk are kept (earlier ones would
+        be overwritten within the same chunk).
+        """
+        n = k.shape[2]
+        slots = self.write_slots(n)
+        pos_h = jnp.broadcast_to(pos[:, None, :], slots.shape).astype(jnp.int32)
+        if self.ring_start >= 0 and n > self.capacity - self.ring_start:
+            keep = self.capacity - self.ring_start
+            drop = n - keep
+            slots, pos_h = slots[..., drop:], pos_h[..., drop:]
+            k, v = k[:, :, drop:], v[:, :, drop:]
+        scatter = jax.vmap(jax.vmap(lambda buf, idx, new: buf.at[idx].set(new, mode="drop")))
+        return self.replace(
+            k=scatter(self.k, slots, k.astype(self.k.dtype)),
+            v=scatter(self.v, slots, v.astype(self.v.dtype)),
+            pos=scatter(self.pos, slots, pos_h),
+            fill=self.fill + n,
+        )
+
+
+@struct.dataclass
+class KVState:
+    """The whole model's KV state (see module docstring)."""
+
+    layers: tuple[Any, ...]
+    next_pos: Array
+    rope_shift: Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.next_pos.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def replace_layer(self, i: int, layer: Any) -> "KVState":
+        layers = list(self.layers)
+        layers[i] = layer
+        return self.replace(layers=tuple(layers))
+
+
+def init_dense_layer(batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype=jnp.float32, *,
+                     v_head_dim: int | None = None, window: int = 0, ring_start: int = -1) -> DenseKV:
+    """An empty :class:`DenseKV` of ``capacity`` slots."""
+    if capacity <= 0:
+        raise ValueError(f"cache capacity must be positive, got {capacity}")
+    dv = head_dim if v_head_dim is None else v_head_dim
+    return DenseKV(
+        k=jnp.zeros((batch, num_kv_heads, capacity, head_dim), dtype),
+        v=jnp.zeros((batch, num_kv_heads, capacity, dv), dtype),
+        pos=jnp.full((batch, num_kv_heads, capacity), -1, jnp.int32),
+        fill=jnp.zeros((batch, num_kv_heads), jnp.int32),
+        window=int(window),
+        ring_start=int(ring_start),
+    )
+
+
+def init_state(cfg, batch: int, capacity: int, dtype=jnp.float32, *, local_ring: bool = True) -> KVState:
+    """An empty full-precision KV state for model config ``cfg``.
+
+    ``capacity`` is the number of slots of every global layer. Layers with a sliding window (Gemma 3 local layers,
+    Mistral) get a ring buffer of ``min(window, capacity)`` slots when ``local_ring`` is true — they never need more.
+    """
+    if batch <= 0:
+        raise ValueError(f"batch must be positive, got {batch}")
+    layers = []
+    for i in range(cfg.num_layers):
+        w = cfg.layer_window(i)
+        if w and local_ring and w < capacity:
+            layers.append(init_dense_layer(batch, cfg.num_kv_heads, w, cfg.head_dim, dtype, window=w, ring_start=0))
+        else:
+            layers.append(init_dense_layer(batch, cfg.num_kv_heads, capacity, cfg.head_dim, dtype, window=w))
+    return KVState(layers=tuple(layers), next_pos=jnp.zeros((batch,), jnp.int32),
+                   rope_shift=jnp.zeros((batch,), jnp.int32))
+
+
+def nbytes(tree: Any) -> int:
+    """The real number of bytes of all arrays held in ``tree`` (a KV state, a layer, params ...).
+
+    Counts every leaf — data, positions, masks, scales, method statistics — at its stored dtype.
+    """
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if hasattr(leaf, "nbytes"):
+            total += int(leaf.nbytes)
+        elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def kv_nbytes(tree: Any) -> int:
+    """Bytes of the key/value payload alone (plus quantization scales, factors), excluding bookkeeping.
+
+    Bookkeeping = ``pos``, ``fill``, ``next_pos``, ``rope_shift``: int32 arrays every cache carries whatever its
+    compression; reported separately so compression ratios compare the payload.
+    """
+    total = nbytes(tree)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        name = getattr(path[-1], "name", getattr(path[-1], "key", None))
+        if name in ("pos", "fill", "next_pos", "rope_shift"):
+            total -= int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
