@@ -1,14 +1,13 @@
 """Jitted autoregressive generation over the KV state: greedy or temperature / top-k / top-p sampling.
 
-The decode loop is a ``lax.while_loop`` (one compiled program for all steps). A compression hook (``step_hook``)
-may transform the state every ``hook_every`` steps (streaming eviction such as StreamingLLM or H2O).
+The decode loop is a ``lax.while_loop`` (one compiled program for all steps). A compression method (see
+:mod:`kvjax.compress`) compacts the prompt's cache once after prefill and, if it has a decode phase, transforms the
+state every ``method.every`` steps inside the loop (streaming eviction such as StreamingLLM or H2O).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
@@ -59,43 +58,87 @@ class GenerateOutput:
     prefill_logits: jax.Array  # (B, V) logits after the prompt
 
 
-def generate(model: Model, params, prompt: jax.Array, state: KVState, *, prompt_mask: jax.Array | None = None,
-             max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
-             stop_tokens: tuple[int, ...] = (), prefill_hook: Callable | None = None,
-             step_hook: Callable | None = None, hook_every: int = 1) -> GenerateOutput:
-    """Prefills ``prompt`` ``(B, T)`` into ``state`` and decodes ``max_new_tokens`` tokens.
+jax.tree_util.register_dataclass(GenerateOutput, data_fields=["tokens", "lengths", "state", "prefill_logits"],
+                                 meta_fields=[])
 
-    ``prefill_hook(params, state, observations) -> state`` runs once after prefill (one-shot compression) and
-    ``step_hook(state, step_observations) -> state`` every ``hook_every`` decode steps.
+
+def prefill_compressed(model: Model, params, prompt: jax.Array, *, method=None, prompt_mask: jax.Array | None = None,
+                       decode_room: int = 0, state: KVState | None = None, dtype=jnp.float32):
+    """Prefills ``prompt`` into a fresh (or given) state and applies ``method``'s one-shot ``prefill`` transform.
+
+    The full cache is allocated for the prompt (plus ``decode_room`` slots when ``method`` is None/full), the model
+    returns the observations the method declared, and the method compacts the state (keeping ``decode_room`` free
+    slots). Returns ``(last_logits (B, V), state)``.
+    """
+    from kvjax.compress.base import Context, Identity  # noqa: PLC0415
+
+    method = Identity() if method is None else method
+    b, t = prompt.shape
+    ctx = Context(cfg=model.cfg, decode_room=decode_room, params=params, prompt_len=t)
+    method.validate(ctx)
+    full = type(method) is Identity
+    if state is None:
+        state = model.init_state(b, t + (decode_room if full else 0), dtype)
+    logits, state, obs = model.jit_forward(params, prompt, state, prompt_mask, observe=method.observe(),
+                                           logits="last")
+    if not full:
+        if getattr(method, "jittable", True):  # params stay out of the static context (they are not hashable)
+            state = _apply_prefill(method, dataclasses.replace(ctx, params=None), state, obs)
+        else:
+            state = method.prefill(state, obs, ctx)[0]
+    return logits, state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_prefill(method, ctx, state, obs):
+    return method.prefill(state, obs, ctx)[0]
+
+
+def generate(model: Model, params, prompt: jax.Array, state: KVState | None = None, *,
+             prompt_mask: jax.Array | None = None, max_new_tokens: int = 32,
+             sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
+             stop_tokens: tuple[int, ...] = (), method=None) -> GenerateOutput:
+    """Prefills ``prompt`` ``(B, T)``, compresses it with ``method`` (a :class:`kvjax.compress.Method`, or None for
+    the full cache) and decodes ``max_new_tokens`` tokens in one jitted ``lax.while_loop``.
+
+    ``state``: an existing state to continue (multi-turn); by default a fresh one sized for prompt + new tokens.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    model.check_inputs(prompt, state, prompt_mask)
-    for i, layer in enumerate(state.layers):
-        if getattr(layer, "ring_start", -1) < 0 and prefill_hook is None and step_hook is None:
-            need = int(jnp.max(layer.fill)) + prompt.shape[1] + max_new_tokens
-            if need > layer.capacity:
-                raise ValueError(f"positions past capacity: layer {i} has {layer.capacity} slots but prompt + "
-                                 f"{max_new_tokens} new tokens need {need}")
+    if state is not None:
+        model.check_inputs(prompt, state, prompt_mask)
+        for i, layer in enumerate(state.layers):
+            if getattr(layer, "ring_start", -1) < 0 and method is None:
+                need = int(jnp.max(layer.fill)) + prompt.shape[1] + max_new_tokens
+                if need > layer.capacity:
+                    raise ValueError(f"positions past capacity: layer {i} has {layer.capacity} slots but prompt + "
+                                     f"{max_new_tokens} new tokens need {need}")
+    else:
+        model.check_inputs(prompt, model.init_state(prompt.shape[0], prompt.shape[1]), prompt_mask)
+    logits, state = prefill_compressed(model, params, prompt, method=method, prompt_mask=prompt_mask,
+                                       decode_room=max_new_tokens, state=state)
     if key is None:
         key = jax.random.PRNGKey(0)
-    return _generate(model, params, prompt, state, prompt_mask, key, max_new_tokens, sampling, tuple(stop_tokens),
-                     prefill_hook, step_hook, hook_every)
+    from kvjax.compress.base import Context  # noqa: PLC0415
+
+    ctx = Context(cfg=model.cfg, decode_room=max_new_tokens, params=None, prompt_len=prompt.shape[1])
+    tokens, lengths, state = decode_loop(model, params, logits, state, key, max_new_tokens, sampling,
+                                         tuple(stop_tokens), method, ctx)
+    return GenerateOutput(tokens=tokens, lengths=lengths, state=state, prefill_logits=logits)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11))
-def _generate(model, params, prompt, state, prompt_mask, key, max_new, sampling, stop_tokens, prefill_hook,
-              step_hook, hook_every):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
+def decode_loop(model, params, logits, state, key, max_new, sampling, stop_tokens, method=None, ctx=None):
+    """Samples ``max_new`` tokens starting from ``logits`` ``(B, V)``; runs ``method.decode`` every ``every`` steps.
+
+    Returns ``(tokens (B, max_new), lengths (B,), state)``.
+    """
     from kvjax.attention import Observe  # noqa: PLC0415
 
-    observe = getattr(prefill_hook, "observe", Observe()) if prefill_hook is not None else Observe()
-    logits, state, obs = model.forward_impl(model.cfg, params, prompt, state, prompt_mask, observe=observe,
-                                            impl=model.impl, logits="last")
-    if prefill_hook is not None:
-        state = prefill_hook(params, state, obs)
-    b = prompt.shape[0]
+    b = logits.shape[0]
     stop = jnp.asarray(stop_tokens, jnp.int32) if stop_tokens else jnp.zeros((0,), jnp.int32)
-    step_observe = getattr(step_hook, "observe", Observe()) if step_hook is not None else Observe()
+    streaming = method is not None and method.has_decode()
+    step_observe = method.decode_observe() if streaming else Observe()
 
     def body(carry):
         i, tok_logits, st, out, done, lengths, key = carry
@@ -107,8 +150,8 @@ def _generate(model, params, prompt, state, prompt_mask, key, max_new, sampling,
         done = done | jnp.any(tok[:, None] == stop[None, :], axis=-1)
         lg, st, o = model.forward_impl(model.cfg, params, tok[:, None], st, None, observe=step_observe,
                                        impl=model.impl, logits="last")
-        if step_hook is not None:
-            st = jax.lax.cond((i + 1) % hook_every == 0, lambda s: step_hook(s, o), lambda s: s, st)
+        if streaming:
+            st = jax.lax.cond((i + 1) % method.every == 0, lambda s: method.decode(s, o, ctx), lambda s: s, st)
         return i + 1, lg, st, out, done, lengths, key
 
     def cond(carry):
@@ -117,12 +160,8 @@ def _generate(model, params, prompt, state, prompt_mask, key, max_new, sampling,
 
     out0 = jnp.zeros((b, max_new), jnp.int32)
     init = (jnp.int32(0), logits, state, out0, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), key)
-    i, _, state, out, done, lengths, _ = jax.lax.while_loop(cond, body, init)
+    _, _, state, out, _, lengths, _ = jax.lax.while_loop(cond, body, init)
     # Rows that stopped early: fill the tail with their last token (the stop token).
     last = jnp.take_along_axis(out, jnp.maximum(lengths - 1, 0)[:, None], axis=1)
     out = jnp.where(jnp.arange(max_new)[None] < lengths[:, None], out, last)
-    return GenerateOutput(tokens=out, lengths=lengths, state=state, prefill_logits=logits)
-
-
-jax.tree_util.register_dataclass(GenerateOutput, data_fields=["tokens", "lengths", "state", "prefill_logits"],
-                                 meta_fields=[])
+    return out, lengths, state

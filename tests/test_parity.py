@@ -88,5 +88,5 @@ def test_greedy_generation_identical(loaded, rng):
     with torch.no_grad():
         want = hf_model.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=32, do_sample=False,
                                  min_new_tokens=32, pad_token_id=0)[0, 8:].numpy()
-    out = generate(model, params, jnp.asarray(prompt), model.init_state(1, 40), max_new_tokens=32)
+    out = generate(model, params, jnp.asarray(prompt), max_new_tokens=32)
     np.testing.assert_array_equal(np.asarray(out.tokens[0]), want, err_msg=arch)

@@ -1,0 +1,210 @@
+"""The compression-transform API: methods are pure transforms of the immutable KV state.
+
+A method is a small frozen dataclass (its fields are its typed hyper-parameters, defaulting to the paper's values)
+registered by name with :func:`register`. It can act at three moments:
+
+* ``prefill(state, obs, ctx) -> (state, obs)``: once, after the prompt was prefilled (one-shot eviction such as
+  SnapKV, quantization of the prompt's cache). ``obs`` are the observations the model returned for the prompt (one
+  dict per layer, see :mod:`kvjax.attention`), in the cache's slot order. A method that moves slots must return the
+  observations re-ordered the same way (the helpers in :mod:`kvjax.compress.evict` do), so a later method of a chain
+  still sees them aligned.
+* ``chunk(state, obs, ctx) -> (state, obs)``: between the chunks of a chunked prefill (bounded peak memory: Locret,
+  EpiCache). Defaults to ``prefill``.
+* ``decode(state, obs, ctx) -> state``: inside the jitted decode loop after every ``every`` steps (streaming eviction:
+  StreamingLLM, H2O, Scissorhands). Must keep shapes static.
+
+What a method needs from the model is declared by ``observe()`` (for prefill) and ``decode_observe()`` (per decode
+step), so the model computes only those statistics. ``kind`` says what the method leaves: ``"dense"`` caches (eviction,
+merging) or ``"quantized"``/``"lowrank"`` ones; a method that needs dense caches refuses to run after one that leaves
+another kind (:class:`Chain` checks this when it is built).
+
+Budgets are in tokens per layer (``budget``) unless a method says otherwise; :func:`budget_from_bytes` converts a
+byte budget. Per-layer allocations (PyramidKV, CAKE, D2O) and per-head raggedness live in the state itself: each layer
+has its own capacity and every head its own ``fill``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from kvjax.attention import Observe
+from kvjax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a transform may consult besides the state and the observations."""
+
+    cfg: ModelConfig
+    decode_room: int = 0  # free slots every compressed layer must keep for tokens decoded afterwards
+    params: Any = None  # model params (trained scorers, methods that re-project keys)
+    prompt_len: int = 0  # tokens in the prefilled prompt (for budget checks)
+
+
+def merge_observe(*obs: Observe) -> Observe:
+    return Observe(window=max([o.window for o in obs] or [0]), colsum=any(o.colsum for o in obs))
+
+
+class Method:
+    """Base class of every compression method (subclasses are frozen dataclasses)."""
+
+    name: ClassVar[str] = "identity"
+    kind: ClassVar[str] = "dense"  # what the method leaves in the state
+    needs_dense: ClassVar[bool] = True  # it reads/gathers float keys and values
+    every: int = 1  # decode hook period (only methods with a decode phase use it)
+
+    def observe(self) -> Observe:
+        return Observe()
+
+    def decode_observe(self) -> Observe:
+        return Observe()
+
+    def has_decode(self) -> bool:
+        return type(self).decode is not Method.decode
+
+    def validate(self, ctx: Context) -> None:
+        """Raises ValueError for hyper-parameters that cannot work with this model/prompt (budgets, windows)."""
+
+    def prefill(self, state, obs, ctx: Context):
+        return state, obs
+
+    def chunk(self, state, obs, ctx: Context):
+        return self.prefill(state, obs, ctx)
+
+    def decode(self, state, obs, ctx: Context):
+        return state
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)) \
+            if dataclasses.is_dataclass(self) else ""
+        return f"{self.name}({fields})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity(Method):
+    """The uncompressed full cache (the baseline)."""
+
+    name: ClassVar[str] = "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain(Method):
+    """Applies methods in order, e.g. ``chain(snapkv(budget=256), kivi(bits=2))``."""
+
+    methods: tuple[Method, ...] = ()
+    name: ClassVar[str] = "chain"
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("chain() needs at least one method")
+        left = "dense"
+        for m in self.methods:
+            if m.needs_dense and left != "dense":
+                raise ValueError(f"{m.name} needs a dense (float) cache but runs after a method that leaves a {left} "
+                                 f"cache; put {m.name} before it in the chain")
+            if m.kind != "dense":
+                left = m.kind
+        decoders = [m for m in self.methods if m.has_decode()]
+        if len({m.every for m in decoders}) > 1:
+            raise ValueError("methods with decode phases in one chain must share the same `every`")
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        kinds = [m.kind for m in self.methods if m.kind != "dense"]
+        return kinds[-1] if kinds else "dense"
+
+    @property
+    def every(self) -> int:  # type: ignore[override]
+        return next((m.every for m in self.methods if m.has_decode()), 1)
+
+    def observe(self) -> Observe:
+        return merge_observe(*(m.observe() for m in self.methods))
+
+    def decode_observe(self) -> Observe:
+        return merge_observe(*(m.decode_observe() for m in self.methods))
+
+    def has_decode(self) -> bool:
+        return any(m.has_decode() for m in self.methods)
+
+    def validate(self, ctx: Context) -> None:
+        for m in self.methods:
+            m.validate(ctx)
+
+    def prefill(self, state, obs, ctx):
+        for m in self.methods:
+            state, obs = m.prefill(state, obs, ctx)
+        return state, obs
+
+    def chunk(self, state, obs, ctx):
+        for m in self.methods:
+            state, obs = m.chunk(state, obs, ctx)
+        return state, obs
+
+    def decode(self, state, obs, ctx):
+        for m in self.methods:
+            if m.has_decode():
+                state = m.decode(state, obs, ctx)
+        return state
+
+    def describe(self) -> str:
+        return " -> ".join(m.describe() for m in self.methods)
+
+
+def chain(*methods: Method) -> Method:
+    """Composes methods left to right (a single method is returned as is)."""
+    return methods[0] if len(methods) == 1 else Chain(tuple(methods))
+
+
+_REGISTRY: dict[str, type[Method]] = {"full": Identity}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: makes ``cls`` available to :func:`get_method` under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str, **hparams) -> Method:
+    """Builds a registered method from its name and hyper-parameters (validated; unknown ones raise)."""
+    _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown compression method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    valid = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    bad = sorted(set(hparams) - valid)
+    if bad:
+        raise ValueError(f"method {name!r} has no hyper-parameter(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
+    return cls(**hparams)
+
+
+def _import_all() -> None:
+    """Imports every method module so that their ``@register`` decorators run."""
+    import importlib
+    import pkgutil
+
+    import kvjax.compress as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name not in ("base", "evict"):
+            importlib.import_module(f"kvjax.compress.{mod.name}")
+
+
+def budget_from_bytes(state_layer_bytes_per_token: int, nbytes_budget: int) -> int:
+    """Tokens per layer that fit ``nbytes_budget`` bytes given the bytes one token costs in one layer."""
+    if state_layer_bytes_per_token <= 0:
+        raise ValueError("bytes per token must be positive")
+    return max(1, nbytes_budget // state_layer_bytes_per_token)
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    """Clear error for a hyper-parameter that must be positive (or non-negative)."""
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")

@@ -1,0 +1,152 @@
+"""Shared building blocks of eviction and merging methods (pure jnp, jit-friendly, static shapes).
+
+Conventions: scores are per KV head ``(B, Hkv, S)`` over a layer's slots; a higher score means "keep". Slots that are
+invalid (``pos < 0``) are never kept; slots in ``force`` are always kept (sinks, recent window).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.state import DenseKV, KVState
+
+BIG = 3e38
+
+
+def group_to_kv_heads(x: jax.Array, num_kv_heads: int, reduce: str = "mean") -> jax.Array:
+    """Reduces a per-query-head statistic ``(B, Hq, ...)`` to per KV head ``(B, Hkv, ...)`` (GQA groups)."""
+    b, hq = x.shape[:2]
+    g = x.reshape(b, num_kv_heads, hq // num_kv_heads, *x.shape[2:])
+    if reduce == "mean":
+        return g.mean(axis=2)
+    if reduce == "sum":
+        return g.sum(axis=2)
+    if reduce == "max":
+        return g.max(axis=2)
+    raise ValueError(f"unknown GQA reduction {reduce!r}; choose mean, sum or max")
+
+
+def recent_mask(layer: DenseKV, next_pos: jax.Array, window: int) -> jax.Array:
+    """``(B, Hkv, C)``: valid slots holding one of the last ``window`` tokens."""
+    return (layer.pos >= 0) & (layer.pos >= next_pos[:, None, None] - window)
+
+
+def sink_mask(layer: DenseKV, n_sink: int) -> jax.Array:
+    """``(B, Hkv, C)``: valid slots holding one of the first ``n_sink`` tokens (attention sinks)."""
+    return (layer.pos >= 0) & (layer.pos < n_sink)
+
+
+def select_keep(scores: jax.Array, valid: jax.Array, budget: int, force: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+    """Top-``budget`` slots per head, returned in temporal (slot) order.
+
+    Returns ``idx`` ``(B, Hkv, K)`` with ``K = min(budget, S)`` and ``keep`` (bool, False where fewer than ``K``
+    valid slots exist). Forced slots win over any score.
+    """
+    s = jnp.where(valid, scores.astype(jnp.float32), -BIG)
+    if force is not None:
+        s = jnp.where(force & valid, BIG, s)
+    k = min(budget, s.shape[-1])
+    top_s, top_i = jax.lax.top_k(s, k)
+    keep = top_s > -BIG
+    # Temporal order with the kept slots first: sort by (not kept, slot index).
+    order_key = jnp.where(keep, top_i, s.shape[-1] + top_i)
+    perm = jnp.argsort(order_key, axis=-1)
+    return jnp.take_along_axis(top_i, perm, -1), jnp.take_along_axis(keep, perm, -1)
+
+
+def _gather_slots(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """Gathers ``x`` ``(B, H, C, ...)`` along the slot axis with ``idx`` ``(B, H, K)``."""
+    extra = x.ndim - 3
+    ix = idx.reshape(idx.shape + (1,) * extra)
+    return jnp.take_along_axis(x, ix, axis=2)
+
+
+def _pad_slots(x: jax.Array, room: int, value) -> jax.Array:
+    if room == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[2] = (0, room)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def gather_layer(layer: DenseKV, idx: jax.Array, keep: jax.Array, room: int = 0, *, k=None, v=None) -> DenseKV:
+    """A new, compacted layer holding the slots ``idx`` (``keep`` False → empty) plus ``room`` free slots.
+
+    Slot-aligned ``extras`` (leading dims ``(B, Hkv, C)``) are gathered too. ``k``/``v`` override the layer's arrays
+    (merging methods pass merged values). Each head's ``fill`` becomes its number of kept slots (ragged heads).
+    """
+    k = layer.k if k is None else k
+    v = layer.v if v is None else v
+    c = layer.capacity
+    pos = jnp.where(keep, _gather_slots(layer.pos, idx), -1)
+    extras = {}
+    for name, x in layer.extras.items():
+        if x.ndim >= 3 and x.shape[2] == c and x.shape[:2] == layer.pos.shape[:2]:
+            g = _gather_slots(x, idx)
+            extras[name] = _pad_slots(jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 3)), g, 0), room, 0)
+        else:
+            extras[name] = x
+    return DenseKV(
+        k=_pad_slots(_gather_slots(k, idx), room, 0),
+        v=_pad_slots(_gather_slots(v, idx), room, 0),
+        pos=_pad_slots(pos, room, -1),
+        fill=jnp.sum(keep, axis=-1, dtype=jnp.int32),
+        extras=extras,
+        window=layer.window,
+        ring_start=-1,
+    )
+
+
+def gather_obs(obs: dict, idx: jax.Array, keep: jax.Array, room: int = 0) -> dict:
+    """Re-orders slot-aligned observations (``colsum``, ``window``) like :func:`gather_layer` did the slots."""
+    out = dict(obs)
+    b, hkv, k = idx.shape
+    for name in ("colsum", "window"):
+        if name not in obs:
+            continue
+        x = obs[name]  # (B, Hq, S) or (B, Hq, W, S)
+        g = x.shape[1] // hkv
+        ih = jnp.repeat(idx, g, axis=1)
+        kh = jnp.repeat(keep, g, axis=1)
+        if x.ndim == 4:
+            ih, kh = ih[:, :, None], kh[:, :, None]
+        y = jnp.where(kh, jnp.take_along_axis(x, jnp.broadcast_to(ih, x.shape[:-1] + (k,)), -1), 0)
+        pad = [(0, 0)] * y.ndim
+        pad[-1] = (0, room)
+        out[name] = jnp.pad(y, pad)
+    return out
+
+
+def map_global_layers(state: KVState, obs, fn, *, include_local: bool = False):
+    """Applies ``fn(i, layer, layer_obs) -> (layer, layer_obs)`` to every global (non-sliding-window) layer.
+
+    Local (sliding-window) layers already hold only their window and are left alone unless ``include_local``.
+    """
+    obs = obs if obs is not None else tuple({} for _ in state.layers)
+    layers, new_obs = list(state.layers), list(obs)
+    for i, layer in enumerate(state.layers):
+        if layer.window and not include_local:
+            continue
+        layers[i], new_obs[i] = fn(i, layer, obs[i])
+    return state.replace(layers=tuple(layers)), tuple(new_obs)
+
+
+def pool1d(x: jax.Array, kernel: int, kind: str = "avgpool") -> jax.Array:
+    """Same-length 1-D pooling over the last axis (stride 1, padding ``kernel // 2``), as SnapKV smooths scores.
+
+    Average pooling counts the zero padding (like ``torch.nn.functional.avg_pool1d``'s default).
+    """
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    cfg = [(0, 0)] * (x.ndim - 1) + [(pad, pad)]
+    if kind == "avgpool":
+        xp = jnp.pad(x, cfg)
+        return jax.lax.reduce_window(xp, 0.0, jax.lax.add, (1,) * (x.ndim - 1) + (kernel,), (1,) * x.ndim,
+                                     "VALID") / kernel
+    if kind == "maxpool":
+        xp = jnp.pad(x, cfg, constant_values=-jnp.inf)
+        return jax.lax.reduce_window(xp, -jnp.inf, jax.lax.max, (1,) * (x.ndim - 1) + (kernel,), (1,) * x.ndim,
+                                     "VALID")
+    raise ValueError(f"unknown pooling {kind!r}; choose avgpool or maxpool")
