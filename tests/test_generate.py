@@ -1,0 +1,84 @@
+"""Sampling, stop tokens and the jitted decode loop."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.checkpoints.safetensors import load_safetensors
+from kvjax.generate import SamplingConfig, generate, sample_token
+
+from conftest import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    _, path = make_hf_model("llama", tmp_path_factory)
+    cfg, params = load_safetensors(path, progress=False)
+    return kvjax.Model(cfg), params
+
+
+def test_top_k_only_samples_top_tokens():
+    logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]] * 512))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    toks = np.concatenate([np.asarray(sample_token(logits, k, SamplingConfig(temperature=1.0, top_k=2))) for k in keys])
+    assert set(toks) == {2, 3}
+    frac3 = np.mean(toks == 3)
+    assert abs(frac3 - 0.4 / 0.7) < 0.05
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = jnp.log(jnp.array([[0.05, 0.15, 0.3, 0.5]] * 1024))
+    toks = np.asarray(sample_token(logits, jax.random.PRNGKey(1), SamplingConfig(temperature=1.0, top_p=0.75)))
+    assert set(toks) == {2, 3}  # 0.5 < 0.75 <= 0.5 + 0.3
+
+
+def test_temperature_sampling_matches_softmax():
+    p = np.array([0.1, 0.6, 0.3])
+    logits = jnp.log(jnp.asarray([p] * 4000))
+    toks = np.asarray(sample_token(logits, jax.random.PRNGKey(2), SamplingConfig(temperature=1.0)))
+    np.testing.assert_allclose(np.bincount(toks, minlength=3) / len(toks), p, atol=0.03)
+
+
+def test_greedy_is_argmax():
+    logits = jnp.asarray([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(np.asarray(sample_token(logits, jax.random.PRNGKey(0), SamplingConfig())), [1, 0])
+
+
+def test_sampling_is_reproducible_and_key_dependent(tiny):
+    model, params = tiny
+    prompt = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+    cfg = SamplingConfig(temperature=1.0, top_k=50)
+    a = generate(model, params, prompt, max_new_tokens=12, sampling=cfg, key=jax.random.PRNGKey(7))
+    b = generate(model, params, prompt, max_new_tokens=12, sampling=cfg, key=jax.random.PRNGKey(7))
+    c = generate(model, params, prompt, max_new_tokens=12, sampling=cfg, key=jax.random.PRNGKey(8))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_stop_tokens_end_rows_independently(tiny):
+    model, params = tiny
+    prompt = jnp.asarray([[5, 6, 7], [9, 10, 11]], jnp.int32)
+    free = generate(model, params, prompt, max_new_tokens=10)
+    stop = int(free.tokens[0, 2])  # row 0 emits this at step 3
+    out = generate(model, params, prompt, max_new_tokens=10, stop_tokens=(stop,))
+    toks = np.asarray(out.tokens)
+    assert int(out.lengths[0]) <= 3 and toks[0, int(out.lengths[0]) - 1] == stop
+    assert np.all(toks[0, int(out.lengths[0]):] == stop)
+    row1 = np.asarray(free.tokens[1])
+    first = np.argmax(row1 == stop) + 1 if np.any(row1 == stop) else 10
+    assert int(out.lengths[1]) == first
+    np.testing.assert_array_equal(toks[1, :first], row1[:first])
+
+
+def test_batched_generation_with_left_padding_matches_single(tiny):
+    model, params = tiny
+    a = np.array([[0, 0, 3, 4, 5]], np.int32)
+    b = np.array([[8, 9, 10, 11, 12]], np.int32)
+    batch = jnp.asarray(np.concatenate([a, b]))
+    mask = jnp.asarray([[False, False, True, True, True], [True] * 5])
+    out = generate(model, params, batch, prompt_mask=mask, max_new_tokens=8)
+    single = generate(model, params, jnp.asarray(a[:, 2:]), max_new_tokens=8)
+    np.testing.assert_array_equal(np.asarray(out.tokens[0]), np.asarray(single.tokens[0]))
