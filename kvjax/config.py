@@ -109,7 +109,7 @@ _IGNORED_KEYS = {
     "chunk_size", "mlp_bias_unused", "vision_config", "final_logit_softcapping_unused", "use_bidirectional_attention",
     "head_dim_unused", "rope_parameters", "rope_theta", "rope_scaling", "layer_types", "sliding_window_pattern",
     "rope_local_base_freq", "query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping",
-    "sliding_window", "use_sliding_window", "attention_bias", "mlp_bias", "hidden_act", "hidden_activation",
+    "sliding_window", "use_sliding_window", "_sliding_window_pattern", "attention_bias", "mlp_bias", "hidden_act", "hidden_activation",
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
 }
@@ -154,12 +154,16 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
             f"config.json has fields kvjax does not implement: {', '.join(unknown)} (refusing to ignore them)")
     if raw.get("mlp_bias"):
         raise UnsupportedConfigError("mlp_bias=True is not supported")
-    act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
+    if arch == "Gemma3ForCausalLM":  # HF's Gemma 3 reads only hidden_activation (a stray hidden_act is unused)
+        act = raw.get("hidden_activation") or "gelu_pytorch_tanh"
+    else:
+        act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
     if arch != "Gemma3ForCausalLM" and act != "silu":
         raise UnsupportedConfigError(f"hidden_act={act!r} is not supported for {arch} (only 'silu')")
     theta, scaling = _rope_from_hf(raw)
     n_heads = int(raw["num_attention_heads"])
-    head_dim = raw.get("head_dim") or int(raw["hidden_size"]) // n_heads
+    head_dim = raw.get("head_dim") or (256 if arch == "Gemma3ForCausalLM"  # Gemma3TextConfig's default
+                                       else int(raw["hidden_size"]) // n_heads)
     window = 0
     if arch == "MistralForCausalLM" or (arch == "Qwen2ForCausalLM" and raw.get("use_sliding_window")):
         window = int(raw.get("sliding_window") or 0)
@@ -175,16 +179,29 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
         if raw.get("layer_types"):
             layer_types = tuple(raw["layer_types"])
         else:
-            pattern = int(raw.get("sliding_window_pattern", 6))
+            pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
             layer_types = tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n))
-        window = int(raw.get("sliding_window") or 0)
+        window = int(raw.get("sliding_window", 4096) or 0)  # Gemma3TextConfig defaults to 4096
         local_theta = raw.get("rope_local_base_freq")
         rp = raw.get("rope_parameters")
         if isinstance(rp, Mapping) and "sliding_attention" in rp:
-            local_theta = rp["sliding_attention"].get("rope_theta", local_theta)
+            local = rp["sliding_attention"] or {}
+            local_theta = local.get("rope_theta", local_theta)
+            if local.get("rope_type", "default") != "default":
+                raise UnsupportedConfigError(
+                    f"rope scaling {local.get('rope_type')!r} on Gemma 3 sliding-window layers is not supported "
+                    "(kvjax scales only the global layers' RoPE)")
+        bad = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if bad:
+            raise UnsupportedConfigError(f"Gemma 3 layer_types {bad} are not supported "
+                                         "(only full_attention and sliding_attention)")
+        if raw.get("rope_theta") is None and not isinstance(rp, Mapping):
+            theta = 1_000_000.0  # Gemma3TextConfig's default for the global layers
+        if raw.get("use_bidirectional_attention"):
+            raise UnsupportedConfigError("use_bidirectional_attention=True (non-causal Gemma 3) is not supported")
         extra = dict(
             rope_local_base_freq=float(local_theta or 10000.0),
-            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or head_dim),
+            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or 256),  # Gemma3TextConfig's default
             final_logit_softcapping=float(raw.get("final_logit_softcapping") or 0.0),
             attn_logit_softcapping=float(raw.get("attn_logit_softcapping") or 0.0),
         )

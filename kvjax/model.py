@@ -101,14 +101,35 @@ class Model:
         out, new_state, _ = self.forward(params, token[:, None], state)
         return out[:, 0], new_state
 
-    @functools.cached_property
-    def jit_prefill(self):
-        return jax.jit(self.prefill, static_argnames=("logits",))
+    # Jitted entry points. They are module-level functions with the (hashable) model as a static argument, so every
+    # equal Model shares one compilation cache.
+    def jit_prefill(self, params, tokens, state: KVState, token_mask=None, *, logits: str = "all"):
+        self.check_inputs(tokens, state, token_mask)
+        return _jit_prefill(self, params, tokens, state, token_mask, logits)
 
-    @functools.cached_property
-    def jit_decode_step(self):
-        return jax.jit(self.decode_step)
+    def jit_decode_step(self, params, token, state: KVState):
+        return _jit_decode_step(self, params, jnp.asarray(token), state)
 
-    @functools.cached_property
-    def jit_forward(self):
-        return jax.jit(self.forward, static_argnames=("observe", "logits"))
+    def jit_forward(self, params, tokens, state: KVState, token_mask=None, *, observe: Observe = Observe(),
+                    logits: str = "all"):
+        self.check_inputs(tokens, state, token_mask)
+        return _jit_forward(self, params, tokens, state, token_mask, observe, logits)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _jit_prefill(model, params, tokens, state, token_mask, logits):
+    out, new_state, _ = model.forward_impl(model.cfg, params, tokens, state, token_mask, impl=model.impl,
+                                           logits=logits)
+    return out, new_state
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _jit_decode_step(model, params, token, state):
+    out, new_state, _ = model.forward_impl(model.cfg, params, token[:, None], state, None, impl=model.impl)
+    return out[:, 0], new_state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _jit_forward(model, params, tokens, state, token_mask, observe, logits):
+    return model.forward_impl(model.cfg, params, tokens, state, token_mask, observe=observe, impl=model.impl,
+                              logits=logits)

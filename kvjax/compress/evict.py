@@ -150,3 +150,87 @@ def pool1d(x: jax.Array, kernel: int, kind: str = "avgpool") -> jax.Array:
         return jax.lax.reduce_window(xp, -jnp.inf, jax.lax.max, (1,) * (x.ndim - 1) + (kernel,), (1,) * x.ndim,
                                      "VALID")
     raise ValueError(f"unknown pooling {kind!r}; choose avgpool or maxpool")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming (decode-time) eviction and per-layer budgets. Shared by H2O, Scissorhands, Keyformer, LazyEviction, CAKE,
+# D2O and KVCrush: they all turn a boolean keep mask into a compacted layer, evict the n lowest-scoring slots of a head
+# and size the cache they leave after prefill so that decoding never overflows it.
+# ---------------------------------------------------------------------------------------------------------------------
+def compaction_index(keep: jax.Array, size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Slot indices that move the kept slots (bool ``(B, H, C)``) to the front, in slot (temporal) order.
+
+    Returns ``idx`` ``(B, H, size)`` (default ``size = C``) and its ``keep`` flags, ready for :func:`gather_layer` /
+    :func:`gather_obs`. Kept slots beyond ``size`` are dropped (callers size it to the largest kept count).
+    """
+    c = keep.shape[-1]
+    ar = jnp.arange(c, dtype=jnp.int32)
+    idx = jnp.argsort(jnp.where(keep, ar, c + ar), axis=-1).astype(jnp.int32)
+    if size is not None:
+        idx = idx[..., :size]
+    return idx, jnp.take_along_axis(keep, idx, -1)
+
+
+def compact_layer(layer: DenseKV, keep: jax.Array, room: int = 0, size: int | None = None, *, k=None, v=None
+                  ) -> DenseKV:
+    """:func:`gather_layer` of the valid slots in ``keep``, compacted to the front (``size`` slots + ``room``)."""
+    idx, kept = compaction_index(keep & layer.valid, size)
+    return gather_layer(layer, idx, kept, room, k=k, v=v)
+
+
+def lowest_mask(score: jax.Array, candidates: jax.Array, n) -> jax.Array:
+    """Bool ``(B, H, C)``: the ``n`` lowest-``score`` slots among ``candidates`` of every head.
+
+    ``n`` is an int or a ``(B, H)`` array; ties go to the lower slot index (the older token, since compacted layers
+    keep temporal order). Fewer than ``n`` candidates: all of them.
+    """
+    s = score.astype(jnp.float32)
+    order = jnp.lexsort((s, ~candidates), axis=-1)  # candidates first, then by score; stable → slot index breaks ties
+    rank = jnp.argsort(order, axis=-1)
+    n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), score.shape[:-1])[..., None]
+    return candidates & (rank < n)
+
+
+def evict_capacity(kept: int, budget: int, room: int, every: int = 1) -> int:
+    """Slots a layer needs after prefill when decode-time eviction brings every head back to ``budget`` tokens every
+    ``every`` steps: the prompt's ``kept`` slots plus ``room`` decoded tokens, but never more than
+    ``budget + every`` (the most a head holds between two evictions)."""
+    return max(1, min(kept + room, max(kept, budget) + min(room, every)))
+
+
+def proportional_budgets(weights, total: int, cap: int, floor: int = 0):
+    """Integer budgets proportional to ``weights`` (host-side numpy), summing to ``total``, each in ``[floor, cap]``.
+
+    Water-filling: shares above ``cap`` are clipped and their excess redistributed proportionally over the others;
+    the result is rounded by largest remainder so that the sum is exact (``min(total, cap * n)`` when capped).
+    """
+    import numpy as np  # noqa: PLC0415 (host-side helper)
+
+    w = np.maximum(np.asarray(weights, np.float64), 0.0)
+    n = w.size
+    if n == 0:
+        return np.zeros((0,), np.int64)
+    total = int(min(max(total, floor * n), cap * n))
+    if not np.isfinite(w).all() or w.sum() <= 0:
+        w = np.ones_like(w)
+    share = np.zeros(n)
+    free = np.ones(n, bool)
+    left = float(total)
+    for _ in range(n + 1):  # clip at [floor, cap] and redistribute until stable
+        share[free] = w[free] / w[free].sum() * left if w[free].sum() > 0 else left / max(free.sum(), 1)
+        over = free & (share > cap)
+        under = free & (share < floor)
+        if not over.any() and not under.any():
+            break
+        share[over] = cap
+        share[under] = floor
+        free &= ~(over | under)
+        left = total - share[~free].sum()
+        if not free.any():
+            break
+    base = np.floor(share + 1e-9).astype(np.int64)
+    rest = total - int(base.sum())
+    frac = np.where(base < cap, share - base, -1.0)
+    for i in np.argsort(-frac, kind="stable")[:max(rest, 0)]:
+        base[i] += 1
+    return np.clip(base, floor, cap)

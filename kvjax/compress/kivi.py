@@ -1,0 +1,84 @@
+"""KIVI — "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", Liu et al., arXiv 2402.02750.
+
+Keys are quantized per channel (one scale/zero per channel over a group of ``group`` tokens: key outliers live in
+fixed channels), values per token (one scale/zero per ``group`` channels of a token); asymmetric min/max, 2 or 4
+bits, codes packed into bytes. The most recent tokens stay in full precision in a residual window of ``residual``
+tokens: after prefill the last ``n % residual`` prompt tokens stay there (the paper's rule), decoded tokens are
+appended to it, and every time it is full its ``residual`` tokens are quantized at once (``residual / group`` key
+groups). Storage is :class:`kvjax.quant.cache.QuantizedKV`, the layout of
+``pallas_kernels.quantized_decode_attention`` (used as the fast path with ``Model(cfg, impl="pallas")``).
+
+Defaults are the paper's: group 32, residual 128, 2 bits, fp16 scales/zeros.
+
+Deviation: the reference code keeps a value residual that slides one token at a time (it always holds the last
+``residual`` values) while keys flush every ``residual`` tokens; here keys and values share one residual window
+that flushes in groups (``0 <= r < residual`` recent tokens at full precision for both), which is the layout the
+quantized decode kernel reads. Acts on global layers only; sliding-window (ring) layers stay dense. After an
+eviction method in a chain, the quantized cache keeps the capacity of the evicted layer (which already holds the
+decode room); on a freshly prefilled layer it adds ``decode_room`` slots.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from kvjax.compress.base import Context, Method, register
+from kvjax.compress.evict import gather_obs, map_global_layers
+from kvjax.quant import quantizers as qz
+from kvjax.quant.cache import QuantSpec, quantize_dense_layer
+
+
+def room_for(layer, ctx: Context) -> int:
+    """Decode room a quantizer adds: ``ctx.decode_room`` on a freshly prefilled layer (capacity = prompt length),
+    none after an evictor (which already padded its output with the room)."""
+    fresh = ctx.prompt_len == 0 or layer.capacity == ctx.prompt_len
+    return ctx.decode_room if fresh else 0
+
+
+def convert_obs(o: dict, src, ok) -> dict:
+    """Observations re-ordered to the quantized layer's slot order."""
+    return gather_obs(o, src, ok, 0) if o else o
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class KIVI(Method):
+    """KIVI asymmetric 2/4-bit quantization (see module docstring)."""
+
+    bits: int = 2
+    group: int = 32
+    residual: int = 128
+    scale_dtype: str = "float16"
+    name: ClassVar[str] = "kivi"
+    kind: ClassVar[str] = "quantized"
+
+    def __post_init__(self):
+        qz.check_bits(self.bits)
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group <= 0:
+            raise ValueError(f"kivi group must be a positive integer, got {self.group!r}")
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ValueError(f"kivi residual must be an integer >= 0, got {self.residual!r}")
+        if self.residual < self.group or self.residual % self.group:
+            raise ValueError(f"kivi residual ({self.residual}) must be a positive multiple of the group "
+                             f"({self.group}): keys are quantized per channel in whole groups of tokens")
+        self.spec()
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, v_bits=self.bits, k_group=self.group, v_group=self.group, k_axis="channel",
+                         residual=self.residual, scale_dtype=self.scale_dtype)
+
+    def validate(self, ctx: Context) -> None:
+        d = ctx.cfg.head_dim
+        if d % self.group:
+            raise ValueError(f"kivi group {self.group} does not divide head_dim {d} (values are quantized per token "
+                             f"in groups of channels)")
+        self.spec().resolve(d, d)
+
+    def prefill(self, state, obs, ctx: Context):
+        spec = self.spec()
+
+        def one(i, layer, o):
+            cache, src, ok = quantize_dense_layer(layer, spec, room=room_for(layer, ctx))
+            return cache, convert_obs(o, src, ok)
+
+        return map_global_layers(state, obs, one)

@@ -1,0 +1,219 @@
+"""Runs a whole experiment from an ml_collections config (see ``configs/quickstart.py`` for every field).
+
+Everything is validated before any cell runs: unknown methods, hyper-parameters, tasks, budgets larger than the
+context and missing checkpoints fail with one clear message, and nothing is written to the run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from kvjax.eval import harness
+from kvjax.eval.tasks import get_task, sweep
+
+
+class ConfigError(ValueError):
+    """The experiment config is invalid (the message names the bad value and the valid choices)."""
+
+
+@dataclasses.dataclass
+class TaskGroup:
+    task: str
+    context_tokens: int
+    prepared: list[harness.Prepared]
+    max_new_tokens: int
+
+
+def _to_dict(cfg) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def validate(config) -> tuple[list[harness.Variant], dict]:
+    """Checks the config without loading the model; returns the method variants and the task specs."""
+    from kvjax.pretrained import EMBEDDED
+
+    c = _to_dict(config)
+    name = c["model"]["name"]
+    if name not in EMBEDDED and not os.path.exists(name):
+        raise ConfigError(f"model.name={name!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor an existing "
+                          "checkpoint path")
+    if c["model"].get("dtype", "float32") not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype={c['model']['dtype']!r}: choose float32 or bfloat16")
+    try:
+        variants = harness.expand_methods(c["methods"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not variants:
+        raise ConfigError("config.methods is empty")
+    tasks = c.get("tasks", {})
+    lengths: list[int] = []
+    for tname, spec in tasks.items():
+        try:
+            get_task(spec.get("task", tname))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        unknown = set(spec) - {"task", "context_tokens", "depths", "seeds", "kwargs", "max_new_tokens"}
+        if unknown:
+            raise ConfigError(f"tasks.{tname} has unknown keys {sorted(unknown)}; valid: task, context_tokens, depths, "
+                              "seeds, kwargs, max_new_tokens")
+        lengths += list(spec["context_tokens"])
+    ppl = c.get("perplexity", {})
+    if ppl.get("enabled"):
+        if ppl.get("mode", "chunk") not in ("chunk", "stream"):
+            raise ConfigError(f"perplexity.mode={ppl['mode']!r}: choose chunk or stream")
+        lengths.append(int(ppl["context_tokens"]))
+    for v in variants:
+        b = harness.method_budget(v.method)
+        for n in lengths:
+            if b is not None and b > n:
+                raise ConfigError(f"method {v.label}: budget {b} is larger than the context ({n} tokens); "
+                                  f"use a budget <= {n}")
+    if not tasks and not ppl.get("enabled"):
+        raise ConfigError("nothing to run: config.tasks is empty and perplexity is disabled")
+    return variants, tasks
+
+
+def build_groups(lm, tasks: dict, style: str, default_max_new: int) -> list[TaskGroup]:
+    groups = []
+    for tname, spec in tasks.items():
+        for n in spec["context_tokens"]:
+            examples = sweep(spec.get("task", tname), [n], list(spec.get("depths", [0.5])),
+                             list(spec.get("seeds", [0])), lm.tokenizer.count, **dict(spec.get("kwargs", {})))
+            groups.append(TaskGroup(tname, n, harness.prepare_examples(lm, examples, style),
+                                    int(spec.get("max_new_tokens", default_max_new))))
+    return groups
+
+
+def ppl_segments(lm, ppl: dict) -> np.ndarray:
+    """``n_segments`` windows of real text (context + eval tokens) at evenly spread offsets of the corpus."""
+    from kvjax.data.corpora import load_text
+
+    ids = np.asarray(lm.tokenizer.encode(load_text(ppl["corpus"])), np.int32)
+    need = int(ppl["context_tokens"]) + int(ppl["eval_tokens"])
+    n = int(ppl["n_segments"])
+    if len(ids) < need * n:
+        raise ConfigError(f"corpus {ppl['corpus']!r} has {len(ids)} tokens, fewer than {n} x {need}")
+    starts = np.linspace(0, len(ids) - need, n).astype(int)
+    return np.stack([ids[s:s + need] for s in starts])
+
+
+def run_experiment(config, *, progress: bool = True) -> list[dict]:
+    """Runs (or resumes) every cell of ``config``; writes results, summary and plot on process 0; returns the summary."""
+    from kvjax.pretrained import load_pretrained
+
+    variants, tasks = validate(config)
+    c = _to_dict(config)
+    run_dir = c["run_dir"]
+    writer = jax.process_index() == 0
+    lm = load_pretrained(c["model"]["name"], c["model"].get("dtype", "float32"), progress=progress)
+    style = c.get("prompt_style", "auto")
+    style = lm.prompt_style if style == "auto" else style
+    if style not in ("plain", "chat"):
+        raise ConfigError(f"prompt_style={style!r}: choose auto, plain or chat")
+    groups = build_groups(lm, tasks, style, int(c.get("max_new_tokens", 16)))
+    ppl = c.get("perplexity", {})
+    segments = ppl_segments(lm, ppl) if ppl.get("enabled") else None
+
+    results_path = os.path.join(run_dir, "results.jsonl")
+    if writer:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(c, f, indent=1, default=str)
+    rows = harness.read_results(results_path)
+    done = {r["key"] for r in rows}
+
+    cells: list[tuple] = []
+    ordered = sorted(variants, key=lambda v: not v.is_full)  # the full cache first: it is every ratio's reference
+    for v in ordered:
+        if segments is not None:
+            cells.append(("ppl", v, None, None))
+        for g in groups:
+            for p in g.prepared:
+                cells.append(("gen", v, g, p))
+    todo = [cell for cell in cells if _key(cell) not in done]
+    if progress and len(todo) < len(cells):
+        print(f"resuming {run_dir}: {len(cells) - len(todo)} of {len(cells)} cells already done")
+    full = next((v for v in variants if v.is_full), None)
+    ppl_ref = None
+    if segments is not None and any(cell[0] == "ppl" for cell in todo) and full is not None:
+        _, ppl_ref = harness.run_perplexity_cell(lm, full, segments, int(ppl["context_tokens"]),
+                                                 ppl.get("mode", "chunk"), None)
+    seen_groups: set = set()
+    bar = tqdm(todo, desc="cells", disable=not progress, dynamic_ncols=True)
+    f = open(results_path, "a") if writer else None
+    try:
+        for cell in bar:
+            kind, v, g, p = cell
+            bar.set_postfix_str(f"{v.label} {g.task + '@' + str(g.context_tokens) if g else 'perplexity'}")
+            group_key = (v.label, kind, g.task if g else None, g.context_tokens if g else None)
+            first = group_key not in seen_groups
+            seen_groups.add(group_key)
+            row = _run_cell(lm, cell, ppl, segments, ppl_ref)
+            if first:  # re-time the first cell of each compiled shape so no timing includes compilation
+                again = _run_cell(lm, cell, ppl, segments, ppl_ref)
+                for k in ("prefill_s", "decode_s", "decode_tok_s", "eval_s", "eval_tok_s"):
+                    if k in again:
+                        row[k] = again[k]
+            row.update(key=_key(cell), label=v.label, method=v.method.name, method_desc=v.method.describe(),
+                       warm=True, model=lm.name, time=time.time(), **_memory())
+            rows.append(row)
+            if f is not None:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        if f is not None:
+            f.close()
+    if not writer:
+        return harness.summarize(rows)
+    summary = harness.write_summary(run_dir, rows)
+    if progress:
+        print(harness.format_table(summary))
+        print(f"\nresults: {results_path}\nsummary: {os.path.join(run_dir, 'summary.csv')}\n"
+              f"plot:    {os.path.join(run_dir, 'quality_vs_bytes.png')}")
+    return summary
+
+
+def _key(cell) -> str:
+    kind, v, g, p = cell
+    if kind == "ppl":
+        return harness.cell_key(v.label, harness.PPL_TASK, 0, None, None)
+    ex = p.example
+    return harness.cell_key(v.label, g.task, g.context_tokens, ex.meta.get("requested_depth", ex.depth), ex.seed)
+
+
+def _run_cell(lm, cell, ppl, segments, ppl_ref) -> dict:
+    kind, v, g, p = cell
+    if kind == "ppl":
+        row, _ = harness.run_perplexity_cell(lm, v, segments, int(ppl["context_tokens"]), ppl.get("mode", "chunk"),
+                                             ppl_ref)
+        row["corpus"] = ppl["corpus"]
+        return row
+    row = harness.run_generation_cell(lm, v, p, g.max_new_tokens)
+    row["task"] = g.task
+    row["context_tokens"] = g.context_tokens
+    return row
+
+
+def _memory() -> dict[str, Any]:
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats:
+        return {}
+    return {"peak_device_bytes": stats.get("peak_bytes_in_use")}
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

@@ -1,0 +1,413 @@
+"""The experiment harness: model x method x budget x task -> quality, bytes, speed.
+
+One *cell* is (method variant, task, context length, depth, seed) for generation tasks, or (method variant,
+perplexity segment batch) for perplexity. Each finished cell is appended as one JSON line to ``results.jsonl`` in the
+run directory; a resumed run skips the cells already there. At the end the harness writes ``summary.csv``,
+``summary.json``, prints the table and plots quality against KV bytes (``quality_vs_bytes.png``).
+
+Measurements, per cell:
+
+* quality: the task's scoring rule (``meta["metric"]`` of the example: ``exact_first`` for passkey, ``contains_all``
+  for RULER-style tasks) on the greedy continuation, and the teacher-forced log-probability of the reference answer
+  (a smoother signal than accuracy on a small model); perplexity and the KL divergence of next-token distributions
+  from the full cache's on real text;
+* bytes: :func:`kvjax.nbytes` of the state after prefill + compression and at the end of decoding, and the bytes of
+  the full cache for the same prompt (built with ``jax.eval_shape`` from the same state constructor), hence the ratio;
+* speed: prefill (+ compression) seconds and decode tokens/s, timed with ``block_until_ready``; the first cell of each
+  compiled shape is flagged ``warm=False`` (it includes compilation) and left out of the speed summary.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.compress.base import Context, Identity, Method, get_method
+from kvjax.eval import scoring
+from kvjax.eval.tasks import Example, format_prompt, get_task
+from kvjax.generate import SamplingConfig, decode_loop, prefill_compressed
+from kvjax.state import nbytes
+
+PPL_TASK = "perplexity"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Method variants from the config
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One method with concrete hyper-parameters, and the label it carries in tables and plots."""
+
+    label: str
+    method: Method
+    hparams: tuple[tuple[str, Any], ...]
+
+    @property
+    def is_full(self) -> bool:
+        return isinstance(self.method, Identity)
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def expand_methods(methods_cfg: dict[str, dict]) -> list[Variant]:
+    """``{"snapkv": {"budget": [128, 256], "window": 32}, ...}`` -> one :class:`Variant` per sweep point.
+
+    A list/tuple value is a sweep; an entry may name its method with ``name`` (so one method can appear with several
+    fixed settings under different keys); ``chain`` lists methods applied in order, e.g.
+    ``{"name": "chain", "chain": ["snapkv", "kivi"], "snapkv.budget": [256], "kivi.bits": 2}``.
+    """
+    variants = []
+    for key, raw in methods_cfg.items():
+        raw = dict(raw or {})
+        name = raw.pop("name", key)
+        sweep_keys = [k for k, v in raw.items() if isinstance(v, (list, tuple)) and k != "chain"]
+        points: list[dict] = [{}]
+        for k in sweep_keys:
+            points = [{**p, k: v} for p in points for v in raw[k]]
+        for point in points:
+            hp = {k: v for k, v in raw.items() if k not in sweep_keys} | point
+            method = _build(name, hp)
+            shown = ",".join(f"{k}={v}" for k, v in point.items())
+            label = key if not shown else f"{key}[{shown}]"
+            variants.append(Variant(label, method, tuple(sorted((k, _hashable(v)) for k, v in hp.items()))))
+    labels = [v.label for v in variants]
+    dup = sorted({l for l in labels if labels.count(l) > 1})
+    if dup:
+        raise ValueError(f"duplicate method labels {dup}: give the entries distinct keys")
+    return variants
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _build(name: str, hp: dict) -> Method:
+    if name != "chain":
+        return get_method(name, **hp)
+    from kvjax.compress.base import chain
+
+    parts = hp.pop("chain", None)
+    if not parts:
+        raise ValueError("a chain entry needs chain=[method names]")
+    per: dict[str, dict] = {p: {} for p in parts}
+    for k, v in hp.items():
+        if "." not in k or k.split(".", 1)[0] not in per:
+            raise ValueError(f"chain hyper-parameter {k!r} must be '<method>.<param>' with <method> in {parts}")
+        m, p = k.split(".", 1)
+        per[m][p] = v
+    return chain(*(get_method(p, **per[p]) for p in parts))
+
+
+def method_budget(method: Method) -> int | None:
+    """The token budget of a method (for the budget-vs-context check), if it has one."""
+    inner = getattr(method, "methods", None)
+    if inner:
+        budgets = [b for b in (method_budget(m) for m in inner) if b is not None]
+        return min(budgets) if budgets else None
+    b = getattr(method, "budget", None)
+    return int(b) if isinstance(b, (int, np.integer)) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running cells
+# ----------------------------------------------------------------------------------------------------------------------
+def _ready(x):
+    return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def full_cache_bytes(model, batch: int, capacity: int) -> int:
+    """Bytes of the uncompressed cache for ``capacity`` slots, from the state constructor's shapes."""
+    return nbytes(jax.eval_shape(lambda: model.init_state(batch, capacity)))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A tokenized example, left-padded to the shape shared by its group."""
+
+    example: Example
+    tokens: np.ndarray  # (T,)
+    mask: np.ndarray  # (T,) bool
+    answer_ids: np.ndarray  # (A,) padded with 0
+    answer_mask: np.ndarray
+
+
+def prepare_examples(lm, examples: list[Example], style: str, answer_len: int = 16) -> list[Prepared]:
+    """Tokenizes prompts (with the model's BOS policy) and left-pads the group to one length (one compile)."""
+    tok = lm.tokenizer
+    encoded = []
+    for ex in examples:
+        text = format_prompt(ex, "chat", lm.chat_prefix) if style == "chat" else format_prompt(ex, "plain")
+        ids = tok.encode(text, add_bos=tok.add_bos_token and tok.bos_id is not None)
+        ans = tok.encode(" " + ex.answers[0])[:answer_len]
+        encoded.append((ex, ids, ans))
+    t = max(len(ids) for _, ids, _ in encoded)
+    out = []
+    for ex, ids, ans in encoded:
+        tokens = np.zeros((t,), np.int32)
+        mask = np.zeros((t,), bool)
+        tokens[t - len(ids):] = ids
+        mask[t - len(ids):] = True
+        a = np.zeros((answer_len,), np.int32)
+        am = np.zeros((answer_len,), bool)
+        a[: len(ans)] = ans
+        am[: len(ans)] = True
+        out.append(Prepared(ex, tokens, mask, a, am))
+    return out
+
+
+def answer_logprob(model, params, state, last_logits, answer_ids, answer_mask) -> float:
+    """Teacher-forced log p(answer | compressed context), summed over the answer's tokens."""
+    first = np.asarray(jax.nn.log_softmax(last_logits[0]))[answer_ids[0]]
+    if answer_mask.sum() <= 1:
+        return float(first)
+    inp = jnp.asarray(answer_ids[None, :-1])
+    m = jnp.asarray(answer_mask[None, :-1] & answer_mask[None, 1:])
+    logits, _, _ = model.jit_forward(params, inp, state, m, logits="all")
+    rest = scoring.answer_token_logprobs(np.asarray(logits[0]), answer_ids[1:])
+    n = int(answer_mask.sum()) - 1
+    return float(first + rest[:n].sum())
+
+
+def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: int) -> dict:
+    """Prefill + compress + greedy decode + scoring of one example."""
+    model, params = lm.model, lm.params
+    tokens = jnp.asarray(prep.tokens[None])
+    mask = jnp.asarray(prep.mask[None])
+    method = None if variant.is_full else variant.method
+    t0 = time.perf_counter()
+    room = max(max_new_tokens, len(prep.answer_ids))  # free slots for decoding and for the teacher-forced answer
+    logits, state = prefill_compressed(model, params, tokens, method=method, prompt_mask=mask, decode_room=room)
+    _ready((logits, state))
+    t1 = time.perf_counter()
+    bytes_prefill = nbytes(state)
+    logp = answer_logprob(model, params, state, logits, prep.answer_ids, prep.answer_mask)
+    streaming = method if (method is not None and method.has_decode()) else None
+    ctx = Context(cfg=model.cfg, decode_room=room, prompt_len=tokens.shape[1]) if streaming else None
+    t2 = time.perf_counter()
+    out, lengths, state = decode_loop(model, params, logits, state, jax.random.PRNGKey(0), max_new_tokens,
+                                      SamplingConfig(), tuple(lm.stop_tokens()), streaming, ctx)
+    _ready(out)
+    t3 = time.perf_counter()
+    n = int(lengths[0])
+    text = lm.tokenizer.decode(np.asarray(out[0, :n]).tolist(), skip_special_tokens=True)
+    ex = prep.example
+    metric = ex.meta.get("metric", "contains_all")
+    full_bytes = full_cache_bytes(model, 1, tokens.shape[1] + room)
+    return dict(
+        task=ex.task, context_tokens=int(ex.meta.get("requested_context_tokens", ex.context_tokens)),
+        prompt_tokens=int(prep.mask.sum()), depth=None if math.isnan(ex.depth) else float(ex.depth), seed=ex.seed,
+        prediction=text, answers=list(ex.answers), metric=metric, score=float(scoring.score(metric, text, ex.answers)),
+        answer_logprob=logp, kv_bytes_prefill=bytes_prefill, kv_bytes_end=nbytes(state), kv_bytes_full=full_bytes,
+        compression_ratio=full_bytes / max(1, bytes_prefill), prefill_s=t1 - t0, decode_s=t3 - t2,
+        decode_tokens=n, decode_tok_s=n / max(t3 - t2, 1e-9),
+    )
+
+
+def _stream_nll_impl(model, method, ctx, params, state, tokens, first_logits):
+    """Teacher-forced token-by-token NLL through the cache (method.decode runs every ``every`` steps)."""
+    observe = method.decode_observe() if method is not None else None
+    from kvjax.attention import Observe
+
+    observe = observe or Observe()
+
+    def step(carry, xs):
+        st, logits, i = carry
+        tok = xs
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+        lg, st, o = model.forward_impl(model.cfg, params, tok[:, None], st, None, observe=observe, impl=model.impl,
+                                       logits="last")
+        if method is not None:
+            st = jax.lax.cond((i + 1) % method.every == 0, lambda s: method.decode(s, o, ctx), lambda s: s, st)
+        return (st, lg, i + 1), (nll, logits)
+
+    (st, _, _), (nll, logits) = jax.lax.scan(step, (state, first_logits, jnp.int32(0)), tokens.T)
+    return nll.T, jnp.swapaxes(logits, 0, 1), st
+
+
+_stream_nll = jax.jit(_stream_nll_impl, static_argnums=(0, 1, 2))
+
+
+@jax.jit
+def _chunk_nll(logits_first, logits_rest, targets):
+    """NLL of ``targets`` (B, M) given the prefill's last logits and the chunk's logits for positions 0..M-2."""
+    logits = jnp.concatenate([logits_first[:, None], logits_rest[:, :-1]], axis=1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], logits
+
+
+def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_tokens: int, mode: str,
+                        reference: dict | None) -> tuple[dict, dict]:
+    """Perplexity of ``segments[:, context_tokens:]`` after compressing the first ``context_tokens`` tokens.
+
+    ``mode="chunk"``: the continuation is scored in one teacher-forced chunk over the compressed cache (fast; the
+    method's decode phase does not run inside the chunk). ``mode="stream"``: token by token through the cache with
+    the method's decode phase every ``every`` steps (how StreamingLLM measures perplexity).
+    Returns the result row and the logits/NLL needed as the full-cache reference.
+    """
+    model, params = lm.model, lm.params
+    b = segments.shape[0]
+    ctx_toks = jnp.asarray(segments[:, :context_tokens])
+    cont = jnp.asarray(segments[:, context_tokens:])
+    m = cont.shape[1]
+    method = None if variant.is_full else variant.method
+    t0 = time.perf_counter()
+    last, state = prefill_compressed(model, params, ctx_toks, method=method, decode_room=m)
+    _ready((last, state))
+    t1 = time.perf_counter()
+    bytes_prefill = nbytes(state)
+    if mode == "chunk":
+        rest, state, _ = model.jit_forward(params, cont, state, logits="all")
+        nll, logits = _chunk_nll(last, rest, cont)
+    elif mode == "stream":
+        ctx = Context(cfg=model.cfg, decode_room=m, prompt_len=context_tokens)
+        streaming = method if (method is not None and method.has_decode()) else None
+        nll, logits, state = _stream_nll(model, streaming, ctx if streaming else None, params, state, cont, last)
+    else:
+        raise ValueError(f"perplexity mode must be 'chunk' or 'stream', got {mode!r}")
+    _ready(nll)
+    t2 = time.perf_counter()
+    nll = np.asarray(nll, np.float64)
+    row = dict(task=PPL_TASK, context_tokens=context_tokens, eval_tokens=m, segments=b, mode=mode,
+               nll=float(nll.mean()), perplexity=float(np.exp(nll.mean())), kv_bytes_prefill=bytes_prefill,
+               kv_bytes_end=nbytes(state), kv_bytes_full=full_cache_bytes(model, b, context_tokens + m),
+               prefill_s=t1 - t0, eval_s=t2 - t1, eval_tok_s=b * m / max(t2 - t1, 1e-9))
+    row["compression_ratio"] = row["kv_bytes_full"] / max(1, bytes_prefill)
+    if reference is not None:
+        row["kl_vs_full"] = float(scoring.kl_divergence(np.asarray(reference["logits"]).reshape(-1, logits.shape[-1]),
+                                                        np.asarray(logits).reshape(-1, logits.shape[-1])))
+        row["ppl_ratio_vs_full"] = row["perplexity"] / reference["perplexity"]
+    return row, {"logits": logits, "perplexity": row["perplexity"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results file (resume) and summaries
+# ----------------------------------------------------------------------------------------------------------------------
+def cell_key(label: str, task: str, context_tokens: int, depth, seed) -> str:
+    return f"{label}|{task}|{context_tokens}|{depth}|{seed}"
+
+
+def read_results(path: str) -> list[dict]:
+    """Complete JSON lines of a results file (a torn last line from a crash is ignored, so it is redone)."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def summarize(rows: Iterable[dict]) -> list[dict]:
+    """One row per (method label, task, context length): quality with a 95% interval, bytes, ratio, speed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["task"], r["context_tokens"]), []).append(r)
+    out = []
+    for (label, task, ctx), rs in groups.items():
+        s: dict[str, Any] = dict(label=label, method=rs[0]["method"], task=task, context_tokens=ctx, n=len(rs))
+        if task == PPL_TASK:
+            nll = float(np.mean([r["nll"] for r in rs]))
+            s.update(quality=float(np.exp(nll)), quality_name="perplexity", ci_low=None, ci_high=None)
+            kls = [r["kl_vs_full"] for r in rs if "kl_vs_full" in r]
+            s["kl_vs_full"] = float(np.mean(kls)) if kls else 0.0
+            warm = [r for r in rs if r.get("warm")] or rs
+            s["tok_s"] = float(np.mean([r["eval_tok_s"] for r in warm]))
+        else:
+            ci = scoring.mean_and_ci([r["score"] for r in rs])
+            s.update(quality=ci.mean, quality_name="accuracy", ci_low=ci.low, ci_high=ci.high,
+                     answer_logprob=float(np.mean([r["answer_logprob"] for r in rs])))
+            warm = [r for r in rs if r.get("warm")] or rs
+            s["tok_s"] = float(np.mean([r["decode_tok_s"] for r in warm]))
+            s["prefill_s"] = float(np.mean([r["prefill_s"] for r in warm]))
+        s["kv_bytes"] = float(np.mean([r["kv_bytes_prefill"] for r in rs]))
+        s["kv_bytes_full"] = float(np.mean([r["kv_bytes_full"] for r in rs]))
+        s["compression_ratio"] = s["kv_bytes_full"] / max(1.0, s["kv_bytes"])
+        s["speed_warm"] = any(r.get("warm") for r in rs)
+        out.append(s)
+    # Speed relative to the full cache of the same task and length, measured in the same run.
+    base = {(s["task"], s["context_tokens"]): s["tok_s"] for s in out if s["method"] == "full"}
+    for s in out:
+        ref = base.get((s["task"], s["context_tokens"]))
+        s["speed_vs_full"] = s["tok_s"] / ref if ref else None
+    return sorted(out, key=lambda s: (s["task"], s["context_tokens"], s["label"]))
+
+
+def format_table(summary: list[dict]) -> str:
+    """A fixed-width text table of the summary."""
+    head = f"{'task':<18}{'ctx':>6} {'method':<34}{'quality':>10}{'ans logp':>10}{'KV MiB':>9}{'ratio':>7}" \
+           f"{'tok/s':>8}{'vs full':>8}"
+    lines = [head, "-" * len(head)]
+    for s in summary:
+        q = f"{s['quality']:.3f}" if s["quality_name"] == "accuracy" else f"{s['quality']:.2f}"
+        lp = f"{s['answer_logprob']:.2f}" if "answer_logprob" in s else f"{s.get('kl_vs_full', 0):.4f}"
+        vs = f"{s['speed_vs_full']:.2f}" if s.get("speed_vs_full") else "-"
+        lines.append(f"{s['task']:<18}{s['context_tokens']:>6} {s['label'][:33]:<34}{q:>10}{lp:>10}"
+                     f"{s['kv_bytes'] / 2**20:>9.2f}{s['compression_ratio']:>7.2f}{s['tok_s']:>8.1f}{vs:>8}")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: list[dict], path: str) -> None:
+    """Quality against KV bytes per method, one panel per (task, context length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(s["task"], s["context_tokens"]) for s in summary})
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, (task, ctx) in zip(axes.flat, panels):
+        pts = [s for s in summary if s["task"] == task and s["context_tokens"] == ctx]
+        by_method: dict[str, list] = {}
+        for s in pts:
+            by_method.setdefault(s["method"], []).append(s)
+        for m, ss in sorted(by_method.items()):
+            ss = sorted(ss, key=lambda s: s["kv_bytes"])
+            x = [s["kv_bytes"] / 2**20 for s in ss]
+            y = [s["quality"] for s in ss]
+            style = dict(marker="*", markersize=14, linestyle="none", color="black") if m == "full" else dict(marker="o")
+            ax.plot(x, y, label=m, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("KV cache bytes after prefill (MiB, log)")
+        ax.set_ylabel(pts[0]["quality_name"] if pts else "")
+        ax.set_title(f"{task} @ {ctx} tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(run_dir: str, rows: list[dict]) -> list[dict]:
+    import csv
+
+    summary = summarize(rows)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if summary:
+        keys = sorted({k for s in summary for k in s})
+        with open(os.path.join(run_dir, "summary.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(summary)
+        plot_summary(summary, os.path.join(run_dir, "quality_vs_bytes.png"))
+    return summary

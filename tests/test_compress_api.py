@@ -1,0 +1,352 @@
+"""Generic properties of every registered eviction method (kvjax.compress), on synthetic caches and a tiny model.
+
+* registry and hyper-parameter errors;
+* property tests (hypothesis): after prefill and a few decode steps the state stays valid (positions unique per head,
+  ``fill`` equal to the valid slots of compacted layers, positions among the original ones, stored keys/values those
+  of the original tokens) and no head holds more than the method's budget;
+* a budget covering the whole context is the identity: bit-exact logits against the full cache while decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvjax
+from kvjax.compress import Context, available_methods, chain, get_method
+from kvjax.config import ModelConfig
+from kvjax.state import DenseKV, KVState
+
+B, HQ, HKV, D, L = 2, 4, 2, 8, 2
+W = 3  # observation window of every window-based factory (one compiled prefill forward for all)
+CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=L,
+                  num_heads=HQ, num_kv_heads=HKV, head_dim=D, max_position_embeddings=256)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Method factories: small hyper-parameters so that tiny caches exercise every branch. ``budget`` is per layer and head.
+# ---------------------------------------------------------------------------------------------------------------------
+def _snap(name, **kw):
+    return lambda b: get_method(name, budget=b, window=W, kernel=3, **kw)
+
+
+FACTORIES = {
+    "snapkv": _snap("snapkv"),
+    "pyramidkv": _snap("pyramidkv", beta=2.0),
+    "adakv": _snap("adakv"),
+    "streaming_llm": lambda b: get_method("streaming_llm", n_sink=1, window=b - 1),
+    "h2o": lambda b: get_method("h2o", budget=b),
+    "scissorhands": lambda b: get_method("scissorhands", budget=b, history_window=W),
+    "keyformer": lambda b: get_method("keyformer", budget=b, prompt_window=W),
+    "lazy_eviction": lambda b: get_method("lazy_eviction", budget=b, window=W),
+    "cake": lambda b: get_method("cake", budget=b, window=W, kernel=3),
+    "d2o": lambda b: get_method("d2o", budget=b, n_sink=1),
+    "kvcrush": lambda b: get_method("kvcrush", budget=b, base=get_method("snapkv", window=W, kernel=3)),
+}
+LAYER_ADAPTIVE = {"pyramidkv", "cake", "d2o"}  # per-layer budgets: the average over layers is the budget
+MERGING = {"d2o"}  # stored values may be merges of several tokens
+T = 12
+
+
+def registered_dense() -> list[str]:
+    out = []
+    for name in available_methods():
+        try:
+            m = get_method(name)
+        except Exception:  # noqa: BLE001 (a method that needs arguments is not an eviction method of ours)
+            continue
+        if m.kind == "dense" and name != "full":
+            out.append(name)
+    return out
+
+
+def factory(name):
+    if name not in FACTORIES:
+        pytest.skip(f"no budget factory for {name!r} (not an eviction method of this test table)")
+    return FACTORIES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic caches and observations
+# ---------------------------------------------------------------------------------------------------------------------
+def _softmax(x, mask):
+    x = np.where(mask, x, -np.inf)
+    m = np.max(np.where(mask, x, -1e30), axis=-1, keepdims=True)
+    e = np.where(mask, np.exp(x - m), 0.0)
+    return e / np.maximum(e.sum(-1, keepdims=True), 1e-30)
+
+
+def synthetic_state(rng, pads=(0, 0), t=T, window=0, temperature=2.0):
+    """A prefilled 2-layer state of ``t`` slots per row (``pads[b]`` left-padding slots) and its observations.
+
+    Returns ``(state, obs, full)`` where ``full[l] = (k, v)`` are the layer's original keys/values by position.
+    """
+    b = len(pads)
+    pos = np.stack([np.concatenate([np.full(p, -1), np.arange(t - p)]) for p in pads]).astype(np.int32)  # (B, T)
+    layers, obs, full = [], [], []
+    for _ in range(L):
+        k = rng.normal(size=(b, HKV, t, D)).astype(np.float32)
+        v = rng.normal(size=(b, HKV, t, D)).astype(np.float32)
+        qp = pos[:, None, :, None]
+        kp = pos[:, None, None, :]
+        vis = (kp >= 0) & (qp >= 0) & (kp <= qp)
+        p = _softmax(rng.normal(size=(b, HQ, t, t)) * temperature, np.broadcast_to(vis, (b, HQ, t, t)))
+        o = {"colsum": jnp.asarray(p.sum(axis=2), jnp.float32)}
+        if window:
+            w = min(window, t)
+            o["window"] = jnp.asarray(p[:, :, t - w:], jnp.float32)
+            o["window_q"] = jnp.asarray(rng.normal(size=(b, HQ, w, D)), jnp.float32)
+        layers.append(DenseKV(k=jnp.asarray(k), v=jnp.asarray(v),
+                              pos=jnp.asarray(np.broadcast_to(pos[:, None], (b, HKV, t)).copy()),
+                              fill=jnp.full((b, HKV), t, jnp.int32)))
+        obs.append(o)
+        full.append((k, v, pos))
+    state = KVState(layers=tuple(layers), next_pos=jnp.asarray((pos >= 0).sum(1), jnp.int32),
+                    rope_shift=jnp.zeros((b,), jnp.int32))
+    return state, tuple(obs), full
+
+
+def decode_step(rng, state, method, ctx, full, seen=None):
+    """Appends one random token to every layer, then runs the method's decode hook with random attention.
+
+    ``seen``: a list that receives ``(state before the hook, step observations)``.
+    """
+    layers, step_obs = [], []
+    for i, layer in enumerate(state.layers):
+        k = rng.normal(size=(B, HKV, 1, D)).astype(np.float32)
+        v = rng.normal(size=(B, HKV, 1, D)).astype(np.float32)
+        layer = layer.append(jnp.asarray(k), jnp.asarray(v), state.next_pos[:, None])
+        fk, fv, fpos = full[i]
+        full[i] = (np.concatenate([fk, k], 2), np.concatenate([fv, v], 2),
+                   np.concatenate([fpos, np.asarray(state.next_pos)[:, None]], 1))
+        valid = np.asarray(layer.valid)
+        p = _softmax(rng.normal(size=(B, HQ, layer.capacity)) * 2, np.repeat(valid, HQ // HKV, axis=1))
+        layers.append(layer)
+        step_obs.append({"colsum": jnp.asarray(p, jnp.float32)})
+    state = state.replace(layers=tuple(layers), next_pos=state.next_pos + 1)
+    if seen is not None:
+        seen.append((state, tuple(step_obs)))
+    if method.has_decode():
+        state = _jit_decode(method, ctx, state, tuple(step_obs))
+    return state
+
+
+_jit_prefill = jax.jit(lambda method, ctx, state, obs: method.prefill(state, obs, ctx)[0], static_argnums=(0, 1))
+_jit_decode = jax.jit(lambda method, ctx, state, obs: method.decode(state, obs, ctx), static_argnums=(0, 1))
+
+
+def run_prefill(method, state, obs, ctx):
+    """The method's prefill transform as ``generate`` runs it: jitted unless the method says otherwise."""
+    if getattr(method, "jittable", True):
+        return _jit_prefill(method, ctx, state, obs)
+    return method.prefill(state, obs, ctx)[0]
+
+
+def check_valid(state, full, *, check_values=True):
+    """Positions unique among valid slots, fill consistent, positions/keys/values those of original tokens."""
+    for i, layer in enumerate(state.layers):
+        pos = np.asarray(layer.pos)
+        fill = np.asarray(layer.fill)
+        fk, fv, fpos = full[i]
+        for b in range(pos.shape[0]):
+            for h in range(pos.shape[1]):
+                p = pos[b, h]
+                live = p[p >= 0]
+                assert len(set(live.tolist())) == live.size, f"layer {i} row {b} head {h}: duplicate positions {p}"
+                assert set(live.tolist()) <= set(fpos[b][fpos[b] >= 0].tolist()), f"unknown positions {p}"
+                if layer.ring_start < 0:
+                    assert fill[b, h] == live.size, f"layer {i}: fill {fill[b, h]} != {live.size} valid"
+                    assert (p[:fill[b, h]] >= 0).all(), f"layer {i}: not compacted {p}"
+                if check_values:
+                    for s in np.nonzero(p >= 0)[0]:
+                        src = int(np.nonzero(fpos[b] == p[s])[0][0])
+                        np.testing.assert_array_equal(np.asarray(layer.v[b, h, s]), fv[b, h, src])
+                        if layer.ring_start < 0:
+                            np.testing.assert_array_equal(np.asarray(layer.k[b, h, s]), fk[b, h, src])
+
+
+def held(layer) -> np.ndarray:
+    return np.asarray(jnp.sum(layer.valid, axis=-1))
+
+
+def check_budget(name, method, state, steps, since_prefill_state):
+    """No head holds more than the method's budget (per-layer budgets for layer-adaptive methods)."""
+    budget = method.budget
+    grow = 0 if method.has_decode() else steps  # one-shot methods let decoded tokens accumulate
+    if name == "lazy_eviction":  # lagged: evicts every `window` steps
+        grow = steps % method.window
+    for i, layer in enumerate(state.layers):
+        h = held(layer)
+        if name == "adakv" and method.head_budgets == "adaptive":
+            assert (h.sum(axis=1) <= HKV * (budget + grow)).all(), (name, h)
+            continue
+        if name in LAYER_ADAPTIVE:
+            ex = layer.extras
+            lb = ex["cake_budget"] if "cake_budget" in ex else ex.get("d2o_budget")
+            if lb is not None:  # decode-time methods keep each layer at its own budget
+                assert (h <= np.asarray(lb) + grow).all(), (name, i, h, np.asarray(lb))
+            continue
+        assert (h <= budget + grow).all(), (name, i, h, budget)
+    if name in LAYER_ADAPTIVE and steps == 0:
+        total = sum(held(layer) for layer in state.layers)
+        assert (total <= L * budget).all(), (name, total)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_property_state_valid_and_within_budget(name):
+    make = FACTORIES[name]
+    budgets = {"kvcrush": (5, 8)}.get(name, (4, 7))
+
+    @settings(max_examples=8, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(seed=st.integers(0, 2 ** 16), pad0=st.integers(0, 3), pad1=st.integers(0, 3),
+           budget=st.sampled_from(budgets), steps=st.integers(0, 2))
+    def prop(seed, pad0, pad1, budget, steps):
+        rng = np.random.default_rng(seed)
+        method = make(budget)
+        state, obs, full = synthetic_state(rng, (pad0, pad1), window=method.observe().window)
+        ctx = Context(cfg=CFG, decode_room=3, prompt_len=T)
+        state = run_prefill(method, state, obs, ctx)
+        check_valid(state, full, check_values=name not in MERGING)
+        check_budget(name, method, state, 0, state)
+        for s in range(steps):
+            state = decode_step(rng, state, method, ctx, full)
+            check_valid(state, full, check_values=name not in MERGING)
+            check_budget(name, method, state, s + 1, state)
+
+    prop()
+
+
+def test_factories_cover_registered_eviction_methods():
+    """Every dense method of this package's eviction family is in the property table (others are skipped)."""
+    ours = {"snapkv", "pyramidkv", "adakv", "streaming_llm", "h2o", "scissorhands", "keyformer", "lazy_eviction",
+            "cake", "d2o", "kvcrush"}
+    assert ours <= set(available_methods())
+    assert ours <= set(FACTORIES)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Identity: a budget covering prompt + decoded tokens leaves logits bit-exact
+# ---------------------------------------------------------------------------------------------------------------------
+def tiny_params(cfg: ModelConfig, seed: int = 0):
+    """Random kvjax params for ``cfg`` (Llama layout, ``(in, out)`` weights)."""
+    rng = np.random.default_rng(seed)
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    w = lambda *s: jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)  # noqa: E731
+    layers = tuple({"attn_norm": 1 + w(d) * 0.1, "q": w(d, cfg.num_heads * hd), "k": w(d, cfg.num_kv_heads * hd),
+                    "v": w(d, cfg.num_kv_heads * hd), "o": w(cfg.num_heads * hd, d), "mlp_norm": 1 + w(d) * 0.1,
+                    "gate": w(d, f), "up": w(d, f), "down": w(f, d)} for _ in range(cfg.num_layers))
+    return {"embed": w(cfg.vocab_size, d) * 3, "norm": 1 + w(d) * 0.1, "lm_head": w(d, cfg.vocab_size), "layers": layers}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return kvjax.Model(CFG), tiny_params(CFG)
+
+
+def pad_room(state, room):
+    """The full cache with ``room`` free slots per layer (same prefill numerics as a compressed run)."""
+    layers = []
+    for layer in state.layers:
+        pad = lambda x, v: jnp.pad(x, [(0, 0), (0, 0), (0, room)] + [(0, 0)] * (x.ndim - 3), constant_values=v)  # noqa
+        layers.append(layer.replace(k=pad(layer.k, 0), v=pad(layer.v, 0), pos=pad(layer.pos, -1)))
+    return state.replace(layers=tuple(layers))
+
+
+def decode_logits(model, params, state, tokens, method=None, ctx=None):
+    """Eager decode of ``tokens`` ``(B, n)`` one at a time; the method's decode hook after every step."""
+    out = []
+    for j in range(tokens.shape[1]):
+        observe = method.decode_observe() if method is not None and method.has_decode() else kvjax.attention.Observe()
+        lg, state, o = model.forward_impl(model.cfg, params, tokens[:, j:j + 1], state, None, observe=observe,
+                                          logits="last")
+        if method is not None and method.has_decode():
+            state = method.decode(state, o, ctx)
+        out.append(np.asarray(lg))
+    return np.stack(out, 1), state
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_budget_covering_context_is_identity(tiny, name):
+    model, params = tiny
+    t, n = 10, 3
+    rng = np.random.default_rng(1)
+    prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, t)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, n)), jnp.int32)
+    method = FACTORIES[name](t + n + 2)
+    if name == "streaming_llm":  # re-rotating the sinks to their own positions is not bit-exact (see report)
+        method = dataclasses.replace(method, reposition=False)
+    _, state, obs = model.jit_forward(params, prompt, model.init_state(B, t), None, observe=method.observe(),
+                                      logits="last")
+    ctx = Context(cfg=CFG, decode_room=n, prompt_len=t)
+    compressed = run_prefill(method, state, obs, ctx)
+    want, _ = decode_logits(model, params, pad_room(state, n), tokens)
+    got, final = decode_logits(model, params, compressed, tokens, method, ctx)
+    np.testing.assert_array_equal(got, want)
+    assert all(int(jnp.sum(layer.valid[0, 0])) == t + n for layer in final.layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registry and hyper-parameter errors
+# ---------------------------------------------------------------------------------------------------------------------
+def test_unknown_method_and_hyperparameter():
+    with pytest.raises(ValueError, match="unknown compression method 'nope'"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="no hyper-parameter"):
+        get_method("h2o", budgett=3)
+
+
+@pytest.mark.parametrize("name,hp,match", [
+    ("snapkv", dict(window=-1), "window must be > 0"),
+    ("snapkv", dict(kernel=4), "odd"),
+    ("snapkv", dict(budget=8, window=8), "must exceed the observation window"),
+    ("pyramidkv", dict(beta=0.5), "beta must be >= 1"),
+    ("pyramidkv", dict(budget=4, window=8), "must exceed the observation window"),
+    ("adakv", dict(head_budgets="ragged"), "head_budgets"),
+    ("adakv", dict(floor_alpha=1.5), "floor_alpha"),
+    ("streaming_llm", dict(window=-3), "window must be > 0"),
+    ("streaming_llm", dict(n_sink=-1), "n_sink must be >= 0"),
+    ("h2o", dict(budget=0), "budget must be > 0"),
+    ("h2o", dict(heavy_ratio=1.5), "heavy_ratio"),
+    ("scissorhands", dict(budget=8, recent_window=6), "recent_window"),
+    ("scissorhands", dict(drop_fraction=0.0), "drop_fraction"),
+    ("scissorhands", dict(history_window=-2), "history_window must be > 0"),
+    ("keyformer", dict(tau_init=0.0), "tau_init must be > 0"),
+    ("keyformer", dict(recent_ratio=2.0), "recent_ratio"),
+    ("lazy_eviction", dict(budget=8, window=16), "at least the observation window"),
+    ("lazy_eviction", dict(window=0), "window must be > 0"),
+    ("cake", dict(kernel=2), "odd"),
+    ("cake", dict(budget=16, window=16), "must exceed the observation window"),
+    ("cake", dict(tau1=-1.0), "tau1 must be > 0"),
+    ("d2o", dict(budget=6, n_sink=4), "sink"),
+    ("d2o", dict(ema_beta=0.0), "ema_beta"),
+    ("kvcrush", dict(budget=40), "rejects it"),  # 30 tokens left to SnapKV's 32-token window
+    ("kvcrush", dict(base="h2o"), "decode phase"),
+    ("kvcrush", dict(base="kvcrush"), "itself"),
+    ("kvcrush", dict(base="nope"), "unknown compression method"),
+    ("kvcrush", dict(anchor="median"), "anchor"),
+    ("kvcrush", dict(budget_fraction_for_representatives=1.0), "budget_fraction_for_representatives"),
+])
+def test_bad_hyperparameters(name, hp, match):
+    with pytest.raises(ValueError, match=match):
+        get_method(name, **hp)
+
+
+def test_registered_methods_construct_and_describe():
+    for name in registered_dense():
+        m = get_method(name)
+        assert m.describe().startswith(name)
+        hash(m)  # static jit argument
+
+
+def test_kvcrush_wraps_a_method_instance_and_chains():
+    base = get_method("snapkv", window=4)
+    m = get_method("kvcrush", base=base, budget=16, budget_fraction_for_representatives=0.25)
+    assert m.base_method.budget == 12 and m.base_method.window == 4 and m.n_rep == 4
+    c = chain(m, get_method("h2o", budget=32))
+    assert c.observe().window == 4 and c.observe().colsum

@@ -1,0 +1,592 @@
+"""Eviction / merging methods of kvjax.compress against plain numpy references on small caches, plus end-to-end
+generation on a tiny random Llama.
+
+Each method's kept tokens (and D2O's merged keys/values) are recomputed here from the same observations with numpy,
+following the papers' definitions as the module docstrings state them; decode-time methods are simulated step by step.
+The generic properties (valid states, budgets, identity at full budget, errors) are in ``test_compress_api.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_compress_api import (B, CFG, FACTORIES, HKV, HQ, W, decode_step, run_prefill, synthetic_state,
+                               tiny_params)
+
+import kvjax
+from kvjax.compress import Context, get_method
+from kvjax.compress.cake import cascade_budgets
+from kvjax.compress.d2o import merge_evicted
+from kvjax.compress.evict import proportional_budgets
+from kvjax.compress.keyformer import gumbel_softmax_of_probs
+from kvjax.compress.pyramidkv import pyramid_budgets
+from kvjax.generate import generate, prefill_compressed
+from kvjax.models.llama import rms_norm
+from kvjax.rope import apply_rope, inv_frequencies
+from kvjax.state import nbytes
+
+G = HQ // HKV
+CTX = Context(cfg=CFG, decode_room=4, prompt_len=12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# numpy helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def kept(layer) -> list[list[set[int]]]:
+    pos = np.asarray(layer.pos)
+    return [[set(p[p >= 0].tolist()) for p in row] for row in pos]
+
+
+def gmean(x):
+    """Query heads → KV heads (mean over GQA groups) on axis 1."""
+    x = np.asarray(x)
+    return x.reshape(x.shape[0], HKV, G, *x.shape[2:]).mean(axis=2)
+
+
+def pool(x, k, kind):
+    p = k // 2
+    xp = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(p, p)], constant_values=0.0 if kind == "avgpool" else -np.inf)
+    win = np.stack([xp[..., i:i + x.shape[-1]] for i in range(k)])
+    return win.mean(0) if kind == "avgpool" else win.max(0)
+
+
+def np_select(score, pos, budget, force):
+    """Per head: forced valid slots, then the best-scoring others up to ``budget`` (select_keep's semantics)."""
+    out = []
+    for b in range(score.shape[0]):
+        row = []
+        for h in range(score.shape[1]):
+            valid = pos[b, h] >= 0
+            f = [s for s in range(score.shape[2]) if valid[s] and force[b, h, s]]
+            rest = sorted((s for s in range(score.shape[2]) if valid[s] and not force[b, h, s]),
+                          key=lambda s: -score[b, h, s])
+            row.append({int(pos[b, h, s]) for s in (f + rest)[:budget]} if len(f) < budget else
+                       {int(pos[b, h, s]) for s in f})
+        out.append(row)
+    return out
+
+
+def np_snap(obs, layer, next_pos, window, kernel, pooling):
+    pos = np.asarray(layer.pos)
+    protect = (pos >= 0) & (pos >= np.asarray(next_pos)[:, None, None] - window)
+    votes = np.asarray(obs["window"]).sum(2)
+    votes = np.where(np.repeat(protect, G, axis=1), 0.0, votes)
+    return gmean(pool(votes, kernel, pooling)), protect
+
+
+def recent(pos, next_pos, window):
+    return (pos >= 0) & (pos >= np.asarray(next_pos)[:, None, None] - window)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One-shot prompt methods
+# ---------------------------------------------------------------------------------------------------------------------
+def test_snapkv_keep_set_matches_numpy():
+    state, obs, _ = synthetic_state(np.random.default_rng(0), (0, 2), window=3)
+    m = get_method("snapkv", budget=6, window=3, kernel=3)
+    out = run_prefill(m, state, obs, CTX)
+    for i in range(2):
+        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, 3, 3, "avgpool")
+        assert kept(out.layers[i]) == np_select(score, np.asarray(state.layers[i].pos), 6, protect)
+        assert out.layers[i].capacity == 6 + CTX.decode_room
+
+
+def test_streaming_llm_keep_set():
+    state, obs, _ = synthetic_state(np.random.default_rng(1), (0, 3))
+    out = run_prefill(get_method("streaming_llm", n_sink=2, window=4), state, obs, CTX)
+    for b, n in enumerate(np.asarray(state.next_pos)):
+        want = set(range(2)) | set(range(n - 4, n))
+        assert all(s == want for s in kept(out.layers[0])[b])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return kvjax.Model(CFG), tiny_params(CFG)
+
+
+def test_streaming_llm_sinks_are_rerotated(tiny):
+    """After compression, sink ``i``'s key is RoPE(pre-RoPE key, i + max(0, t - n_sink - window + 1))."""
+    model, params = tiny
+    t, n_sink, window = 12, 2, 5
+    prompt = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (B, t)), jnp.int32)
+    m = get_method("streaming_llm", n_sink=n_sink, window=window)
+    _, state = prefill_compressed(model, params, prompt, method=m, decode_room=2)
+    p0 = params["layers"][0]
+    h = rms_norm(params["embed"][prompt], p0["attn_norm"], CFG.rms_norm_eps)
+    k_pre = (h @ p0["k"]).reshape(B, t, HKV, CFG.head_dim)[:, :n_sink]
+    inv = jnp.asarray(inv_frequencies(CFG.head_dim, CFG.rope_theta))
+
+    def want(next_pos):
+        shift = max(0, next_pos - n_sink - window + 1)
+        rope_pos = jnp.broadcast_to(jnp.arange(n_sink) + shift, (B, n_sink))
+        return np.asarray(apply_rope(k_pre, rope_pos, inv).transpose(0, 2, 1, 3))
+
+    np.testing.assert_allclose(np.asarray(state.layers[0].k[:, :, :n_sink]), want(t), atol=1e-5)
+    _, state = model.decode_step(params, prompt[:, 0], state)
+    state = m.decode(state, None, CTX)
+    np.testing.assert_allclose(np.asarray(state.layers[0].k[:, :, :n_sink]), want(t + 1), atol=1e-5)
+    assert np.asarray(state.layers[0].pos[0, 0, :n_sink]).tolist() == [0, 1]
+
+
+def test_pyramid_budgets_follow_the_reference_formula():
+    # budget 12, window 4, beta 2, 3 layers, long prompt: prefix budgets 12, 8, 4 (+ window); total = 3 * 12.
+    assert pyramid_budgets(12, 4, 2.0, 3, 40) == [16, 12, 8]
+    # max_num (16 - 8/20 = 15.6) clipped to the prompt's prefix (18 - 4 = 14) and min_num raised to 2: [14, 2] + 4.
+    assert pyramid_budgets(12, 4, 20.0, 2, 18) == [18, 6]
+    assert pyramid_budgets(12, 4, 2.0, 3, 10) == [10, 10, 10]  # prompt within budget: kept whole
+    assert pyramid_budgets(12, 4, 2.0, 3, 15) == [12, 12, 12]  # shorter than 2 (budget - window): uniform
+    for total_layers in (2, 5, 7):
+        assert sum(pyramid_budgets(40, 8, 20.0, total_layers, 500)) == 40 * total_layers
+
+
+def test_pyramidkv_keep_sets_use_layer_budgets():
+    state, obs, _ = synthetic_state(np.random.default_rng(3), (0, 0), t=16, window=2)
+    m = get_method("pyramidkv", budget=6, window=2, kernel=3, beta=2.0)
+    budgets = pyramid_budgets(6, 2, 2.0, 2, 16)
+    assert budgets == [8, 4]
+    out = run_prefill(m, state, obs, CTX)
+    for i in range(2):
+        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, 2, 3, "maxpool")
+        assert kept(out.layers[i]) == np_select(score, np.asarray(state.layers[i].pos), budgets[i], protect)
+
+
+def test_adakv_allocates_head_budgets_jointly():
+    state, obs, _ = synthetic_state(np.random.default_rng(4), (0, 1), window=3, temperature=4.0)
+    m = get_method("adakv", budget=6, window=3, kernel=3, floor_alpha=0.34)
+    out = run_prefill(m, state, obs, CTX)
+    base, floor = 3, 1
+    for i in range(2):
+        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, 3, 3, "maxpool")
+        pos = np.asarray(state.layers[i].pos)
+        for b in range(B):
+            cand = [(h, s) for h in range(HKV) for s in range(pos.shape[2]) if pos[b, h, s] >= 0 and not protect[b, h, s]]
+            safe = set()
+            for h in range(HKV):
+                safe |= set(sorted((c for c in cand if c[0] == h), key=lambda c: -score[b, c[0], c[1]])[:floor])
+            chosen = sorted(cand, key=lambda c: (c not in safe, -score[b, c[0], c[1]]))[:HKV * base]
+            for h in range(HKV):
+                want = {int(pos[b, h, s]) for s in range(pos.shape[2]) if protect[b, h, s]}
+                want |= {int(pos[b, h, s]) for (hh, s) in chosen if hh == h}
+                assert kept(out.layers[i])[b][h] == want
+        counts = np.asarray(jnp.sum(out.layers[i].valid, -1))
+        assert (counts.sum(1) <= HKV * 6).all() and np.asarray(out.layers[i].fill).tolist() == counts.tolist()
+    uniform = run_prefill(get_method("adakv", budget=6, window=3, kernel=3, head_budgets="uniform"), state, obs, CTX)
+    snap = run_prefill(get_method("snapkv", budget=6, window=3, kernel=3, pooling="maxpool"), state, obs, CTX)
+    assert [kept(layer) for layer in uniform.layers] == [kept(layer) for layer in snap.layers]
+
+
+def test_kvcrush_keeps_base_set_plus_hamming_representatives():
+    state, obs, _ = synthetic_state(np.random.default_rng(5), (0, 1), t=16, window=3)
+    base = get_method("snapkv", window=3, kernel=3)
+    m = get_method("kvcrush", base=base, budget=8, budget_fraction_for_representatives=0.25, anchor="zeros")
+    n_rep = 2
+    out = run_prefill(m, state, obs, CTX)
+    for i in range(2):
+        layer = state.layers[i]
+        pos = np.asarray(layer.pos)
+        score, protect = np_snap(obs[i], layer, state.next_pos, 3, 3, "avgpool")
+        base_set = np_select(score, pos, 8 - n_rep, protect)
+        att = np.asarray(obs[i]["window"]).sum(2)  # (B, Hq, S)
+        valid = pos[:, 0] >= 0
+        mean = np.where(valid[:, None], att, 0).sum(-1, keepdims=True) / valid.sum(-1)[:, None, None]
+        dist = ((att > mean) & valid[:, None]).sum(1)  # Hamming distance to the all-zeros anchor, (B, S)
+        for b in range(B):
+            for h in range(HKV):
+                ev = [s for s in range(pos.shape[2]) if pos[b, h, s] >= 0 and pos[b, h, s] not in base_set[b][h]]
+                ev.sort(key=lambda s: (dist[b, s], s))
+                step = max(1, len(ev) // n_rep)
+                reps = {int(pos[b, h, s]) for r, s in enumerate(ev) if r % step == 0 and r // step < n_rep}
+                assert kept(out.layers[i])[b][h] == base_set[b][h] | reps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode-time methods, simulated step by step
+# ---------------------------------------------------------------------------------------------------------------------
+def run_decode(method, state, obs, steps, seed):
+    """Prefill + ``steps`` decode steps; returns the states after each hook and what each hook saw."""
+    rng = np.random.default_rng(seed)
+    full = [None] * len(state.layers)
+    for i, layer in enumerate(state.layers):
+        full[i] = (np.asarray(layer.k), np.asarray(layer.v), np.asarray(layer.pos[:, 0]))
+    ctx = Context(cfg=CFG, decode_room=steps, prompt_len=state.layers[0].capacity)
+    after = [run_prefill(method, state, obs, ctx)]
+    seen = []
+    for _ in range(steps):
+        after.append(decode_step(rng, after[-1], method, ctx, full, seen))
+    return after, seen
+
+
+def slot_values(layer, b, h, x):
+    """{position: x[slot]} over the valid slots of head (b, h)."""
+    pos = np.asarray(layer.pos[b, h])
+    return {int(p): x[s] for s, p in enumerate(pos) if p >= 0}
+
+
+def evict_lowest(scores: dict, n: int, candidates) -> None:
+    """Removes the ``n`` lowest-scoring candidate positions (ties: older first) from ``scores`` in place."""
+    for p in sorted((p for p in scores if candidates(p)), key=lambda p: (scores[p], p))[:max(n, 0)]:
+        del scores[p]
+
+
+def test_h2o_matches_numpy_simulation():
+    budget, heavy = 6, 3
+    state, obs, _ = synthetic_state(np.random.default_rng(6), (0, 2), t=10)
+    m = get_method("h2o", budget=budget, heavy_ratio=0.5)
+    after, seen = run_decode(m, state, obs, 4, seed=7)
+    rec = budget - heavy
+    for i in range(2):
+        score0 = gmean(obs[i]["colsum"])
+        pos0 = np.asarray(state.layers[i].pos)
+        assert kept(after[0].layers[i]) == np_select(score0, pos0, budget, recent(pos0, state.next_pos, rec))
+        for b in range(B):
+            for h in range(HKV):
+                scores = {p: float(s) for p, s in slot_values(state.layers[i], b, h, score0[b, h]).items()
+                          if p in kept(after[0].layers[i])[b][h]}
+                for step, (pre, o) in enumerate(seen):
+                    add = slot_values(pre.layers[i], b, h, gmean(o[i]["colsum"])[b, h])
+                    scores = {p: scores.get(p, 0.0) + float(add[p]) for p in add}
+                    nxt = int(pre.next_pos[b])
+                    evict_lowest(scores, len(scores) - budget, lambda p: p < nxt - rec)
+                    assert set(scores) == kept(after[step + 1].layers[i])[b][h], (i, b, h, step)
+
+
+def test_scissorhands_matches_numpy_simulation():
+    budget, hist, rec, drop = 6, 3, 1, 3
+    state, obs, _ = synthetic_state(np.random.default_rng(8), (0, 1), t=9, window=hist)
+    m = get_method("scissorhands", budget=budget, history_window=hist, recent_window=rec, drop_fraction=0.5)
+    assert m.drop == drop
+    after, seen = run_decode(m, state, obs, 5, seed=9)
+    for i in range(2):
+        pos0 = np.asarray(state.layers[i].pos)
+        win = gmean(obs[i]["window"])  # (B, Hkv, W, S)
+        for b in range(B):
+            nxt = int(state.next_pos[b])
+            for h in range(HKV):
+                below = {int(p): {} for p in pos0[b, h] if p >= 0}  # position -> {query position: unimportant}
+                for j in range(hist):
+                    q = nxt - hist + j
+                    vis = [s for s in range(pos0.shape[2]) if 0 <= pos0[b, h, s] <= q]
+                    for s in vis:
+                        below[int(pos0[b, h, s])][q] = win[b, h, j, s] * len(vis) < 1.0
+
+                def compress(q, nxt_pos):
+                    if len(below) >= budget:
+                        count = {p: sum(v for s, v in below[p].items() if q - hist < s <= q) for p in below}
+                        for p in sorted((p for p in below if p < nxt_pos - rec), key=lambda p: (-count[p], p))[
+                                :len(below) - (budget - drop)]:
+                            del below[p]
+
+                compress(nxt - 1, nxt)
+                assert set(below) == kept(after[0].layers[i])[b][h]
+                for step, (pre, o) in enumerate(seen):
+                    att = slot_values(pre.layers[i], b, h, gmean(o[i]["colsum"])[b, h])
+                    q = int(pre.next_pos[b]) - 1
+                    below[q] = {}
+                    for p, a in att.items():
+                        below[p][q] = a * len(att) < 1.0
+                    compress(q, q + 1)
+                    assert set(below) == kept(after[step + 1].layers[i])[b][h], (i, b, h, step)
+
+
+def test_keyformer_gumbel_scores_and_schedule_match_numpy():
+    budget = 6
+    state, obs, _ = synthetic_state(np.random.default_rng(10), (0, 2), t=10, window=4)
+    m = get_method("keyformer", budget=budget, prompt_window=4, recent_ratio=0.34, tau_init=1.0, tau_end=3.0)
+    assert m.recent == 2 and m.tau(0, 4) == 1.0 and m.tau(4, 4) == 3.0 and m.tau(1, 4) == 1.5
+
+    def np_gumbel(p, key, tau):
+        g = np.asarray(jax.random.gumbel(key, p.shape, jnp.float32))
+        p = np.asarray(p)
+        live = p > 0
+        z = np.where(live, (np.log(np.where(live, p, 1.0)) + g) / tau, -np.inf)
+        e = np.where(live, np.exp(z - z.max(-1, keepdims=True)), 0.0)
+        return e / e.sum(-1, keepdims=True)
+
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_allclose(np.asarray(gumbel_softmax_of_probs(obs[0]["window"], key, 1.5)),
+                               np_gumbel(obs[0]["window"], key, 1.5), rtol=1e-5, atol=1e-6)
+    after, seen = run_decode(m, state, obs, 2, seed=11)
+    for i in range(2):
+        pos0 = np.asarray(state.layers[i].pos)
+        score0 = gmean(np_gumbel(obs[i]["window"], m._key(i, state.next_pos), 1.0).sum(2))
+        assert kept(after[0].layers[i]) == np_select(score0, pos0, budget, recent(pos0, state.next_pos, 2))
+        step_scores = [gmean(np_gumbel(o[i]["colsum"], m._key(i, pre.next_pos), 1.0 + (step + 1) * (3.0 - 1.0) / 2))
+                       for step, (pre, o) in enumerate(seen)]  # tau schedule over decode_room = 2 steps
+        for b in range(B):
+            for h in range(HKV):
+                scores = {p: float(s) for p, s in slot_values(state.layers[i], b, h, score0[b, h]).items()
+                          if p in kept(after[0].layers[i])[b][h]}
+                for step, (pre, o) in enumerate(seen):
+                    add = slot_values(pre.layers[i], b, h, step_scores[step][b, h])
+                    scores = {p: scores.get(p, 0.0) + float(add[p]) for p in add}
+                    nxt = int(pre.next_pos[b])
+                    evict_lowest(scores, len(scores) - budget, lambda p: p < nxt - 2)
+                    assert set(scores) == kept(after[step + 1].layers[i])[b][h]
+
+
+def test_lazy_eviction_matches_numpy_simulation():
+    budget, window = 6, 2
+    state, obs, _ = synthetic_state(np.random.default_rng(12), (0, 1), t=10, window=window)
+    m = get_method("lazy_eviction", budget=budget, window=window)
+    after, seen = run_decode(m, state, obs, 5, seed=13)
+    for i in range(2):
+        pos0 = np.asarray(state.layers[i].pos)
+        win = gmean(obs[i]["window"])
+        for b in range(B):
+            t0 = int(state.next_pos[b])
+            for h in range(HKV):
+                track = {int(p): [int(p), 0] for p in pos0[b, h] if p >= 0}  # position -> [last, mri]
+
+                def observe(att: dict, q):
+                    for p, a in att.items():
+                        if a * len(att) >= 1.0:
+                            last, mri = track[p]
+                            track[p] = [q, max(mri, q - last)]
+
+                def evict(nxt):
+                    prio = {p: track[p][1] - ((nxt - 1) - track[p][0]) for p in track}
+                    for p in sorted((p for p in track if p < nxt - window), key=lambda p: (prio[p], p))[
+                            :len(track) - budget]:
+                        del track[p]
+
+                for j in range(window):
+                    q = t0 - window + j
+                    observe({int(pos0[b, h, s]): win[b, h, j, s] for s in range(pos0.shape[2])
+                             if 0 <= pos0[b, h, s] <= q}, q)
+                evict(t0)
+                assert set(track) == kept(after[0].layers[i])[b][h]
+                for step, (pre, o) in enumerate(seen):
+                    q = int(pre.next_pos[b]) - 1
+                    track[q] = [q, 0]
+                    observe(slot_values(pre.layers[i], b, h, gmean(o[i]["colsum"])[b, h]), q)
+                    if (step + 1) % window == 0:
+                        evict(q + 1)
+                    assert set(track) == kept(after[step + 1].layers[i])[b][h], (i, b, h, step)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layer-adaptive methods
+# ---------------------------------------------------------------------------------------------------------------------
+def test_proportional_and_cascade_budgets():
+    assert proportional_budgets([1, 3], 8, 10).tolist() == [2, 6]
+    assert proportional_budgets([1, 3], 8, 5).tolist() == [3, 5]  # the capped layer's excess goes to the other
+    assert proportional_budgets([1, 1, 1], 10, 10).tolist() == [4, 3, 3]  # largest remainder, exact total
+    assert proportional_budgets([0, 5], 6, 10, floor=2).tolist() == [2, 4]
+    prefs = np.array([2.0, 1.0, 5.0, 1.0])
+    casc, final = cascade_budgets(prefs, 36, 20), cascade_budgets(prefs, 36, 20, cascade=False)
+    assert final.tolist() == [8, 4, 20, 4] and (casc <= final).all() and casc.sum() <= 36
+
+
+def test_cake_preferences_indicator_and_keep_sets():
+    window, budget, gamma = 3, 6, 200.0
+    state, obs, _ = synthetic_state(np.random.default_rng(14), (0, 2), t=12, window=window)
+    m = get_method("cake", budget=budget, window=window, kernel=3, tau1=1.0, tau2=2.0)
+    out = run_prefill(m, state, obs, CTX)
+    prefs, scores = [], []
+    for i in range(2):
+        pos = np.asarray(state.layers[i].pos)
+        prefix = (pos >= 0) & ~recent(pos, state.next_pos, window)
+        win = np.asarray(obs[i]["window"], np.float64)
+        a = np.where(np.repeat(prefix, G, axis=1)[:, :, None], win, 0.0)
+        disp = -(a * np.log(a + 1e-10)).sum((1, 2, 3))
+        var = a.var(axis=2, ddof=1).sum((1, 2))
+        prefs.append(disp * np.sqrt(var))
+        ind = win.mean(2) + gamma * win.var(axis=2, ddof=1)
+        scores.append(gmean(pool(np.where(np.repeat(prefix, G, axis=1), ind, 0.0), 3, "avgpool")))
+    n_valid = np.asarray(state.next_pos)
+    budgets = m.layer_budgets(np.stack(prefs), n_valid)
+    for b in range(B):
+        assert budgets[:, b].sum() == 2 * (budget - window)
+        assert budgets[:, b].tolist() == cascade_budgets(np.stack(prefs)[:, b], 2 * (budget - window),
+                                                         n_valid[b] - window).tolist()
+    for i in range(2):
+        pos = np.asarray(state.layers[i].pos)
+        for b in range(B):
+            for h in range(HKV):
+                win_set = {int(p) for p in pos[b, h] if p >= 0 and p >= n_valid[b] - window}
+                pre = sorted((s for s in range(pos.shape[2]) if 0 <= pos[b, h, s] < n_valid[b] - window),
+                             key=lambda s: -scores[i][b, h, s])
+                want = win_set | {int(pos[b, h, s]) for s in pre[:budgets[i, b]]}
+                assert kept(out.layers[i])[b][h] == want
+        assert np.asarray(out.layers[i].extras["cake_budget"])[:, 0].tolist() == (budgets[i] + window).tolist()
+
+
+def test_cake_decode_evicts_by_pooled_attention():
+    state, obs, _ = synthetic_state(np.random.default_rng(15), (0, 0), t=12, window=3)
+    m = get_method("cake", budget=6, window=3, kernel=3)
+    after, seen = run_decode(m, state, obs, 2, seed=16)
+    for step, (pre, o) in enumerate(seen):
+        for i in range(2):
+            layer = pre.layers[i]
+            pos = np.asarray(layer.pos)
+            protect = recent(pos, pre.next_pos, 3)
+            raw = np.where(np.repeat(protect | (pos < 0), G, axis=1), 0.0, np.asarray(o[i]["colsum"]))
+            score = gmean(pool(raw, 3, "avgpool"))
+            lb = np.asarray(layer.extras["cake_budget"])
+            for b in range(B):
+                for h in range(HKV):
+                    sc = {int(pos[b, h, s]): score[b, h, s] for s in range(pos.shape[2]) if pos[b, h, s] >= 0}
+                    nxt = int(pre.next_pos[b])
+                    evict_lowest(sc, len(sc) - lb[b, h], lambda p: p < nxt - 3)
+                    assert set(sc) == kept(after[step + 1].layers[i])[b][h]
+
+
+def test_d2o_merge_matches_hand_computation():
+    k = jnp.asarray([[[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.3, 1.0]]]])  # (1, 1, 4, 2)
+    v = jnp.asarray([[[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]]])
+    keep = jnp.asarray([[[True, True, False, False]]])
+    tau0, set0 = jnp.zeros((1, 1)), jnp.zeros((1, 1), bool)
+    k2, v2, tau, tau_set = merge_evicted(k, v, keep, ~keep, tau0, set0, beta=0.5, max_evicted=2)
+    u2, u3 = 1 / math.sqrt(1.01), 1 / math.sqrt(1.09)  # cos(k2, k0), cos(k3, k1): the best matches
+    assert float(tau[0, 0]) == pytest.approx((u2 + u3) / 2) and bool(tau_set[0, 0])
+    e = math.e  # only k2 (u2 >= tau) merges, into k0; k1 is untouched
+    want_k0 = (e * np.array([1.0, 0.0]) + math.exp(u2) * np.array([1.0, 0.1])) / (e + math.exp(u2))
+    want_v0 = (e * np.array([1.0, 2.0]) + math.exp(u2) * np.array([5.0, 6.0])) / (e + math.exp(u2))
+    np.testing.assert_allclose(np.asarray(k2[0, 0, 0]), want_k0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(v2[0, 0, 0]), want_v0, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(k2[0, 0, 1:]), np.asarray(k[0, 0, 1:]))
+    np.testing.assert_array_equal(np.asarray(v2[0, 0, 1:]), np.asarray(v[0, 0, 1:]))
+    # second eviction: the EMA moves the threshold; both evicted tokens merge at a low threshold
+    k3, v3, tau2, _ = merge_evicted(k, v, keep, ~keep, jnp.full((1, 1), 0.1), jnp.ones((1, 1), bool), 0.5, 2)
+    assert float(tau2[0, 0]) == pytest.approx(0.5 * 0.1 + 0.5 * (u2 + u3) / 2)
+    want_v1 = (e * np.array([3.0, 4.0]) + math.exp(u3) * np.array([7.0, 8.0])) / (e + math.exp(u3))
+    np.testing.assert_allclose(np.asarray(v3[0, 0, 1]), want_v1, rtol=1e-6)
+
+
+def np_d2o_prefill(m, state, obs):
+    """Layer budgets, kept positions and merged keys/values of D2O's prefill, in numpy."""
+    n_valid = np.asarray(state.next_pos)
+    stats = []
+    for i, layer in enumerate(state.layers):
+        valid = np.asarray(layer.pos[:, 0]) >= 0
+        cs = np.asarray(obs[i]["colsum"], np.float64)
+        var = np.stack([[cs[b, h][valid[b]].var(ddof=1) for h in range(HQ)] for b in range(B)])
+        var = (var - var.min(1, keepdims=True)) / (var.max(1, keepdims=True) - var.min(1, keepdims=True) + 1e-6)
+        stats.append(var.mean(1))
+    stats = np.stack(stats)
+    budgets = m.layer_budgets(stats, n_valid)
+    w = np.exp(-stats) / np.exp(-stats).sum(0)
+    for b in range(B):
+        if n_valid[b] > m.budget:
+            assert budgets[:, b].sum() == 2 * m.budget
+            assert np.abs(budgets[:, b] - w[:, b] * 2 * m.budget).max() <= 1.0
+    out = []
+    for i, layer in enumerate(state.layers):
+        pos = np.asarray(layer.pos)
+        k, v = np.asarray(layer.k, np.float64), np.asarray(layer.v, np.float64)
+        score = gmean(obs[i]["colsum"])
+        res = []
+        for b in range(B):
+            bl = budgets[i, b]
+            rec = bl - round(bl * m.heavy_ratio)
+            row = []
+            for h in range(HKV):
+                slots = [s for s in range(pos.shape[2]) if pos[b, h, s] >= 0]
+                prot = [s for s in slots if pos[b, h, s] < m.n_sink or pos[b, h, s] >= n_valid[b] - rec]
+                rest = sorted((s for s in slots if s not in prot), key=lambda s: -score[b, h, s])
+                keep = prot + rest[:max(bl - len(prot), 0)]
+                ev = [s for s in slots if s not in keep]
+                kk = {s: k[b, h, s].copy() for s in keep}
+                vv = {s: v[b, h, s].copy() for s in keep}
+                if ev:
+                    unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+                    best = {s: max(keep, key=lambda c: unit(k[b, h, s]) @ unit(k[b, h, c])) for s in ev}
+                    sim = {s: unit(k[b, h, s]) @ unit(k[b, h, best[s]]) for s in ev}
+                    tau = np.mean(list(sim.values()))
+                    for c in keep:
+                        src = [s for s in ev if best[s] == c and sim[s] >= tau - 1e-7]
+                        if src:
+                            wts = np.array([math.exp(sim[s]) for s in src])
+                            kk[c] = (math.e * k[b, h, c] + (wts[:, None] * k[b, h, src]).sum(0)) / (math.e + wts.sum())
+                            vv[c] = (math.e * v[b, h, c] + (wts[:, None] * v[b, h, src]).sum(0)) / (math.e + wts.sum())
+                row.append(({int(pos[b, h, s]): kk[s] for s in keep}, {int(pos[b, h, s]): vv[s] for s in keep}))
+            res.append(row)
+        out.append(res)
+    return budgets, out
+
+
+def test_d2o_prefill_budgets_evicts_and_merges_like_numpy():
+    state, obs, _ = synthetic_state(np.random.default_rng(17), (0, 1), t=14, temperature=3.0)
+    m = get_method("d2o", budget=6, n_sink=1)
+    budgets, want = np_d2o_prefill(m, state, obs)
+    out = run_prefill(m, state, obs, CTX)
+    merged = 0
+    for i in range(2):
+        layer = out.layers[i]
+        for b in range(B):
+            for h in range(HKV):
+                wk, wv = want[i][b][h]
+                assert kept(layer)[b][h] == set(wk)
+                gk = slot_values(layer, b, h, np.asarray(layer.k[b, h]))
+                gv = slot_values(layer, b, h, np.asarray(layer.v[b, h]))
+                for p in wk:
+                    np.testing.assert_allclose(gk[p], wk[p], rtol=1e-5, atol=1e-6)
+                    np.testing.assert_allclose(gv[p], wv[p], rtol=1e-5, atol=1e-6)
+                    src = int(np.nonzero(np.asarray(state.layers[i].pos[b, h]) == p)[0][0])
+                    merged += not np.allclose(gv[p], np.asarray(state.layers[i].v[b, h, src]))
+        assert np.asarray(layer.extras["d2o_budget"])[:, 0].tolist() == budgets[i].tolist()
+    assert merged > 0  # the compensation really merged something
+
+
+def test_d2o_decode_evicts_one_token_and_merges_it():
+    state, obs, _ = synthetic_state(np.random.default_rng(18), (0, 0), t=10)
+    m = get_method("d2o", budget=5, n_sink=1)
+    after, seen = run_decode(m, state, obs, 3, seed=19)
+    for step, (pre, o) in enumerate(seen):
+        post = after[step + 1]
+        for i in range(2):
+            layer = pre.layers[i]
+            lb = np.asarray(layer.extras["d2o_budget"])
+            score = np.asarray(layer.extras["d2o_score"]) + gmean(o[i]["colsum"])
+            rec = np.asarray(layer.extras["d2o_recent"])
+            pos = np.asarray(layer.pos)
+            for b in range(B):
+                for h in range(HKV):
+                    nxt = int(pre.next_pos[b])
+                    sc = {int(pos[b, h, s]): score[b, h, s] for s in range(pos.shape[2]) if pos[b, h, s] >= 0}
+                    before = dict(sc)
+                    evict_lowest(sc, len(sc) - lb[b, h], lambda p: p >= m.n_sink and p < nxt - rec[b, h])
+                    assert set(sc) == kept(post.layers[i])[b][h]
+                    gone = set(before) - set(sc)
+                    pk = slot_values(layer, b, h, np.asarray(layer.k[b, h]))
+                    pv = slot_values(layer, b, h, np.asarray(layer.v[b, h]))
+                    nv = slot_values(post.layers[i], b, h, np.asarray(post.layers[i].v[b, h]))
+                    changed = [p for p in sc if not np.array_equal(nv[p], pv[p])]
+                    if not gone:
+                        assert not changed
+                        continue
+                    (g,) = gone
+                    unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+                    tgt = max(sc, key=lambda c: unit(pk[g]) @ unit(pk[c]))
+                    u = unit(pk[g]) @ unit(pk[tgt])
+                    tau = float(post.layers[i].extras["d2o_tau"][b, h])
+                    if u >= tau:
+                        assert changed == [tgt]
+                        want = (math.e * pv[tgt] + math.exp(u) * pv[g]) / (math.e + math.exp(u))
+                        np.testing.assert_allclose(nv[tgt], want, rtol=1e-5)
+                    else:
+                        assert not changed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end on the tiny model
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_generate_end_to_end(tiny, name):
+    model, params = tiny
+    t, n = 10, 3
+    prompt = jnp.asarray(np.random.default_rng(20).integers(0, CFG.vocab_size, (B, t)), jnp.int32)
+    small, large = (5, 8) if name == "kvcrush" else (4, 8)
+    out = generate(model, params, prompt, method=FACTORIES[name](small), max_new_tokens=n)
+    assert out.tokens.shape == (B, n) and out.lengths.tolist() == [n] * B
+    assert out.prefill_logits.shape == (B, CFG.vocab_size)
+    assert all(layer.capacity <= t + n for layer in out.state.layers)
+    assert (np.asarray(out.tokens) >= 0).all() and (np.asarray(out.tokens) < CFG.vocab_size).all()
+    sizes = [nbytes(prefill_compressed(model, params, prompt, method=FACTORIES[name](b), decode_room=n)[1])
+             for b in (large,)] + [nbytes(out.state)]
+    full = nbytes(prefill_compressed(model, params, prompt, decode_room=n)[1])
+    assert sizes[1] < sizes[0] <= full + 4096, sizes  # extras (scores) cost a few bytes per slot
+    assert W == 3

@@ -1,0 +1,372 @@
+"""Quantized KV caches: packing, error bounds, KIVI / int8 / int4 / GEAR / MiKV / RotateKV, streaming residual flushes
+under jit, byte counts, composition with eviction, bad input."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.attention import Observe, reference_attention
+from kvjax.checkpoints.safetensors import load_safetensors
+from kvjax.compress import chain, get_method
+from kvjax.compress.base import Context
+from kvjax.compress.gear import GearKV, gear_dense_layer
+from kvjax.generate import generate, prefill_compressed
+from kvjax.quant import packing
+from kvjax.quant import quantizers as qz
+from kvjax.quant.cache import QuantizedKV, QuantSpec, init_quantized_layer, quantize_dense_layer
+from kvjax.state import DenseKV, init_dense_layer
+
+from conftest import make_hf_model
+
+T = 40
+
+# jitted once per static configuration (eager conversion dispatches hundreds of small ops: several times slower)
+_quantize = jax.jit(quantize_dense_layer, static_argnames=("spec", "room", "keep_bits", "keep_group"))
+_gear = jax.jit(gear_dense_layer, static_argnames=("sp", "room"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    _, path = make_hf_model("llama", tmp_path_factory)
+    cfg, params = load_safetensors(path, progress=False)
+    model = kvjax.Model(cfg)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, T)), jnp.int32)
+    return model, params, prompt
+
+
+@pytest.fixture(scope="module")
+def prompt_state(tiny):
+    """The tiny model's full-precision cache after a 64-token prompt (real keys/values)."""
+    model, params, _ = tiny
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, model.cfg.vocab_size, (1, 64)), jnp.int32)
+    _, state = model.jit_prefill(params, toks, model.init_state(1, 64), logits="none")
+    return state
+
+
+def _dense(k, v, pos=None, fill=None) -> DenseKV:
+    b, h, c, _ = k.shape
+    if pos is None:
+        pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, h, c))
+    if fill is None:
+        fill = jnp.sum(pos >= 0, axis=-1, dtype=jnp.int32)
+    return DenseKV(k=k, v=v, pos=pos, fill=fill)
+
+
+def _with_outlier_channels(layer: DenseKV) -> DenseKV:
+    """Keys with two injected outlier channels (large, mostly one-signed — what real LLM keys show)."""
+    k = layer.k.at[..., 3].multiply(12.0).at[..., 3].add(8.0).at[..., 11].multiply(-9.0)
+    return layer.replace(k=k)
+
+
+# ------------------------------------------------------------------------------------------------- packing / bounds
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_roundtrip_exact(bits):
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=(2, 3, 7, 64)).astype(np.uint8)
+    packed = packing.pack(jnp.asarray(codes), bits)
+    assert packed.dtype == jnp.uint8 and packed.shape == (2, 3, 7, 64 * bits // 8)
+    np.testing.assert_array_equal(np.asarray(packing.unpack(packed, bits, 64)), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis,group", [("token", 8), ("token", 0), ("channel", 16)])
+def test_quantize_error_within_half_step(bits, axis, group):
+    rng = np.random.default_rng(bits)
+    x = jnp.asarray(rng.normal(size=(2, 3, 64, 32)) * rng.uniform(0.1, 5, size=(1, 1, 1, 32)), jnp.float32)
+    valid = jnp.asarray(rng.random((2, 3, 64)) > 0.2)  # invalid slots must not widen the range
+    x = jnp.where(valid[..., None], x, 1e4)
+    g = qz.resolve_group(group, 32, bits) if axis == "token" else group
+    codes, scale, zero = qz.quantize(x, valid, bits=bits, group=g, axis=axis, scale_dtype=jnp.float32)
+    y = qz.dequantize(codes, scale, zero, bits=bits, group=g, axis=axis)
+    s = np.asarray(scale)
+    step = np.repeat(s, g, axis=-1) if axis == "token" else np.repeat(s, g, axis=-2)  # per-entry scale
+    err = np.abs(np.asarray(y) - np.asarray(x))
+    ok = np.asarray(valid)[..., None] & np.ones_like(err, bool)
+    assert np.all(err[ok] <= step[ok] / 2 + 1e-5 * (1 + np.abs(np.asarray(x))[ok]))
+    assert s.max() < 100  # the 1e4 fill of invalid slots did not enter the min/max
+
+
+# ------------------------------------------------------------------------------------------------- error ordering
+
+
+def _rel_err(a, b, pos):
+    m = np.asarray(pos >= 0)[..., None]
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sqrt(np.sum(((a - b) * m) ** 2) / np.sum((b * m) ** 2))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gear_error_strictly_below_plain_quantization(prompt_state, bits):
+    layer = _with_outlier_channels(prompt_state.layers[0])
+    gear = get_method("gear", bits=bits, buffer=16).spec(16)
+    plain_same_backbone = get_method("gear", bits=bits, buffer=16, rank_ratio=0.0, outlier_ratio=0.0).spec(16)
+    g, _, _ = _gear(layer, sp=gear)
+    p, _, _ = _gear(layer, sp=plain_same_backbone)
+    per_token, _, _ = _quantize(layer, QuantSpec(bits=bits, v_bits=bits, k_group=0, v_group=0,
+                                                            k_axis="token", residual=0))
+    assert gear.rank >= 1 and gear.k_each >= 1
+    for which in (0, 1):  # keys, values
+        ref = (layer.k, layer.v)[which]
+        e_gear = _rel_err(g.dense()[which][:, :, :64], ref, layer.pos)
+        e_plain = _rel_err(p.dense()[which][:, :, :64], ref, layer.pos)
+        e_tok = _rel_err(per_token.dense()[which][:, :, :64], ref, layer.pos)
+        assert e_gear < e_plain and e_gear < e_tok, (which, e_gear, e_plain, e_tok)
+    # the sparse part holds the outliers exactly (fp16): injected channel entries come back nearly exact
+    assert kvjax.nbytes(g) > kvjax.nbytes(p)  # low-rank factors + COO outliers are really stored
+
+
+def test_rotatekv_and_mikv_balancer_beat_plain_per_token_2bit_on_outlier_keys(prompt_state):
+    layer = _with_outlier_channels(prompt_state.layers[0])
+    plain = QuantSpec(bits=2, v_bits=2, k_group=0, v_group=0, k_axis="token", residual=0)
+    p, _, _ = _quantize(layer, plain)
+    from kvjax.compress.rotatekv import outlier_aware_order
+
+    rot = get_method("rotatekv").spec()
+    r, _, _ = _quantize(layer, rot, k_perm=outlier_aware_order(layer.k, layer.valid, 16))
+    kmax = jnp.max(jnp.abs(layer.k), axis=2)
+    bal = jnp.sqrt(jnp.mean(kmax, axis=-1, keepdims=True) / kmax)  # MiKV-style balancer with a flat query profile
+    m, _, _ = _quantize(layer, plain, k_balance=bal)
+    e_plain = _rel_err(p.dense()[0], layer.k, layer.pos)
+    assert _rel_err(r.dense()[0], layer.k, layer.pos) < 0.7 * e_plain
+    assert _rel_err(m.dense()[0], layer.k, layer.pos) < e_plain
+    # rotations are orthogonal: queries rotated the same way give the same logits as unrotated keys
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 3, 16))
+    qpos = jnp.full((1, 3), 100, jnp.int32)
+    for cache in (r, m):
+        want, _ = jax.jit(lambda c: reference_attention(q, *c.dense(), qpos, c.pos))(cache)
+        got, _ = jax.jit(lambda c: c.attend(q, qpos))(cache)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------- KIVI attention
+
+
+def _random_kivi(bits=2, b=2, h=2, c=48, d=16, group=8, residual=16, ragged=True):
+    rng = np.random.default_rng(7)
+    k = jnp.asarray(rng.normal(size=(b, h, c, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, h, c, d)), jnp.float32)
+    fill = jnp.asarray([[c, c - 5], [c - 17, c - 9]][:b], jnp.int32)[:, :h] if ragged else jnp.full((b, h), c)
+    pos = jnp.where(jnp.arange(c) < fill[..., None], jnp.arange(c), -1).astype(jnp.int32)
+    spec = QuantSpec(bits=bits, v_bits=bits, k_group=group, v_group=group, residual=residual)
+    cache, _, _ = _quantize(_dense(k, v, pos, fill), spec, room=20)
+    return cache, k, v, pos
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kivi_attention_matches_dequantized_reference(bits):
+    cache, k, v, pos = _random_kivi(bits)
+    b, h = cache.fill.shape
+    q = jax.random.normal(jax.random.PRNGKey(bits), (b, 2 * h, 1, 16))
+    qpos = jnp.full((b, 1), 60, jnp.int32)
+    got, obs = jax.jit(lambda c, q: c.attend(q, qpos, observe=Observe(window=1, colsum=True)))(cache, q)
+    kd, vd = cache.dense()
+    want, wobs = reference_attention(q, kd, vd, qpos, cache.pos, observe=Observe(window=1, colsum=True))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(obs["colsum"]), np.asarray(wobs["colsum"]), atol=1e-5)
+    # and against the full-precision cache: the quantization error shrinks with the bit width
+    full, _ = reference_attention(q, k, v, qpos, pos)
+    err = float(jnp.max(jnp.abs(got - full)))
+    assert err < {2: 0.6, 4: 0.12, 8: 0.01}[bits], err
+    # the residual holds the last n % R tokens of every head in full precision
+    r = np.asarray(cache.fill) % 16
+    res_pos = np.asarray(cache.res_pos())
+    for i in range(b):
+        for j in range(h):
+            n = int(cache.fill[i, j])
+            np.testing.assert_array_equal(res_pos[i, j, :r[i, j]], np.arange(n - r[i, j], n))
+            assert np.all(res_pos[i, j, r[i, j]:] == -1)
+
+
+def test_kivi_pallas_kernel_matches_reference_path():
+    pytest.importorskip("pallas_kernels")
+    cache, _, _, _ = _random_kivi(2, b=1, h=2, c=32, group=8, residual=16, ragged=False)
+    q = jax.random.normal(jax.random.PRNGKey(3), (1, 4, 1, 16))
+    qpos = jnp.full((1, 1), 40, jnp.int32)
+    ref, _ = cache.attend(q, qpos, impl="reference")
+    ker, obs = cache.attend(q, qpos, impl="pallas")
+    assert obs == {}
+    np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), atol=2e-4)
+
+
+# ------------------------------------------------------------------------------------------------- streaming flushes
+
+
+@pytest.mark.parametrize("k_axis,residual", [("channel", 16), ("token", 8), ("token", 0)])
+def test_streaming_appends_under_jit_equal_one_shot_quantization(k_axis, residual):
+    """Tokens appended in odd-sized chunks under jit (crossing several residual-group boundaries, ragged heads)
+    give exactly the cache that quantizing all of them at once gives."""
+    rng = np.random.default_rng(0)
+    b, h, d, total = 2, 2, 16, 75
+    k = jnp.asarray(rng.normal(size=(b, h, total, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, h, total, d)), jnp.float32)
+    spec = QuantSpec(bits=4, v_bits=2, k_group=8 if k_axis == "channel" else 4, v_group=8, k_axis=k_axis,
+                     residual=residual)
+    # start from a ragged prefill: head (0, 1) saw 5 tokens fewer (as after eviction); it gets the same new tokens
+    start = 11
+    fill0 = jnp.asarray([[start, start - 5], [start, start]], jnp.int32)
+    pos0 = jnp.where(jnp.arange(start) < fill0[..., None], jnp.arange(start), -1).astype(jnp.int32)
+    cache, _, _ = _quantize(_dense(k[:, :, :start], v[:, :, :start], pos0, fill0), spec,
+                                       room=total - start)
+    append = jax.jit(lambda c, kk, vv, pp: c.append(kk, vv, pp))
+    t = start
+    for n in (1, 3, 16, 1, 3, 16, 1, 3, 16, 3, 1):  # 3 compiled shapes, boundaries crossed mid-chunk
+        cache = append(cache, k[:, :, t:t + n], v[:, :, t:t + n], jnp.broadcast_to(jnp.arange(t, t + n), (b, n)))
+        t += n
+    assert t == total
+    # reference: every head's tokens in order (head (0, 1) lacks 6..10), quantized in one shot
+    keep01 = np.setdiff1d(np.arange(total), np.arange(start - 5, start))
+    idx = np.broadcast_to(np.arange(total), (b, h, total)).copy()
+    idx[0, 1, :len(keep01)] = keep01
+    fill = np.full((b, h), total)
+    fill[0, 1] = len(keep01)
+    pos = np.where(np.arange(total) < fill[..., None], idx, -1)
+    ref = _dense(jnp.take_along_axis(k, jnp.asarray(idx)[..., None], 2), jnp.take_along_axis(v, jnp.asarray(idx)[..., None], 2),
+                 jnp.asarray(pos, jnp.int32), jnp.asarray(fill, jnp.int32))
+    one, _, _ = _quantize(ref, spec=spec)
+    assert jax.tree.structure(one) == jax.tree.structure(cache)
+    for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(cache), jax.tree.leaves(one)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b_), err_msg=jax.tree_util.keystr(path))
+    q = jax.random.normal(jax.random.PRNGKey(0), (b, 2 * h, 1, d))
+    qpos = jnp.full((b, 1), total, jnp.int32)
+    att = jax.jit(lambda c: c.attend(q, qpos)[0])
+    np.testing.assert_allclose(np.asarray(att(cache)), np.asarray(att(one)), atol=1e-6)
+
+
+def test_gear_streaming_buffer_flushes_under_jit(prompt_state):
+    layer = prompt_state.layers[1]
+    sp = get_method("gear", buffer=8).spec(16)
+    cache, _, _ = _gear(layer.replace(fill=jnp.full_like(layer.fill, 45), pos=jnp.where(layer.pos < 45, layer.pos, -1)),
+                        sp=sp, room=19)
+    assert int(cache.fill[0, 0]) == 45 and isinstance(cache, GearKV)
+    append = jax.jit(lambda c, kk, vv, pp: c.append(kk, vv, pp))
+    for t in range(45, 64):
+        cache = append(cache, layer.k[:, :, t:t + 1], layer.v[:, :, t:t + 1], jnp.full((1, 1), t, jnp.int32))
+    one, _, _ = _gear(layer, sp=sp)
+    assert int(cache.fill[0, 0]) == 64
+    p00 = np.asarray(cache.pos)[0, 0]
+    np.testing.assert_array_equal(np.sort(p00[p00 >= 0]), np.arange(64))
+    kd, _ = jax.jit(lambda c: c.dense())(cache)
+    ko, _ = jax.jit(lambda c: c.dense())(one)
+    np.testing.assert_allclose(np.asarray(kd)[:, :, :64], np.asarray(ko)[:, :, :64], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- bytes
+
+
+def test_nbytes_counts_exactly_the_packed_arrays():
+    b, h, d, cap, r, g = 2, 3, 16, 100, 32, 16
+    for bits in (2, 4, 8):
+        spec = QuantSpec(bits=bits, v_bits=bits, k_group=g, v_group=8, residual=r)
+        cache = init_quantized_layer(b, h, cap, d, spec, jnp.bfloat16)
+        cq = cache.q_capacity
+        assert cq == 96 and cache.capacity >= cap
+        codes = 2 * b * h * cq * d * bits // 8
+        k_scales = 2 * b * h * (cq // g) * d * 2  # scale + zero, fp16
+        v_scales = 2 * b * h * cq * (d // 8) * 2
+        residual = 2 * b * h * r * d * 2  # bf16
+        book = b * h * (cq + r) * 4 + b * h * 4  # pos, fill
+        assert kvjax.nbytes(cache) == codes + k_scales + v_scales + residual + book
+        assert kvjax.kv_nbytes(cache) == codes + k_scales + v_scales + residual
+        assert cache.k_codes.dtype == jnp.uint8 and cache.k_codes.shape[-1] == d * bits // 8
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+
+
+def test_methods_run_in_generate_and_track_full_precision(tiny):
+    model, params, prompt = tiny
+    full = generate(model, params, prompt, max_new_tokens=6)
+    kivi8 = generate(model, params, prompt, max_new_tokens=6, method=get_method("kivi", bits=8, group=8,
+                                                                               residual=16))
+    np.testing.assert_allclose(np.asarray(kivi8.prefill_logits), np.asarray(full.prefill_logits), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(kivi8.tokens), np.asarray(full.tokens))
+    assert all(isinstance(x, QuantizedKV) for x in kivi8.state.layers)
+    sizes = {}
+    for name, kw in [("kivi", dict(bits=2, group=8, residual=16)), ("int4", {}), ("mikv", dict(residual=8)),
+                     ("rotatekv", {}), ("gear", dict(buffer=8))]:
+        out = generate(model, params, prompt, max_new_tokens=6, method=get_method(name, **kw))
+        assert out.tokens.shape == (2, 6) and np.all(np.asarray(out.lengths) == 6)
+        for layer in out.state.layers:  # prompt + generated tokens all still in the cache, at their positions
+            assert np.all(np.sort(np.asarray(layer.pos)[0, 0][np.asarray(layer.pos)[0, 0] >= 0])
+                          == np.arange(T + 5))
+        sizes[name] = kvjax.kv_nbytes(out.state)
+    assert max(sizes.values()) < kvjax.kv_nbytes(full.state), sizes
+
+
+def test_chain_snapkv_then_kivi_is_evicted_and_packed(tiny):
+    model, params, prompt = tiny
+    budget, new, r, g = 24, 8, 16, 8
+    snap = get_method("snapkv", budget=budget, window=8)
+    both = chain(snap, get_method("kivi", bits=2, group=g, residual=r))
+    out = generate(model, params, prompt, max_new_tokens=new, method=both)
+    evicted = generate(model, params, prompt, max_new_tokens=new, method=snap)
+    cfg = model.cfg
+    b, h, d = 2, cfg.num_kv_heads, cfg.head_dim
+    cq = ((budget + new) // r) * r  # the evicted layer (budget + decode room) re-packed in whole residual groups
+    per_layer = (2 * b * h * cq * d * 2 // 8  # 2-bit codes
+                 + 2 * b * h * (cq // g) * d * 2 + 2 * b * h * cq * (d // g) * 2  # fp16 scales + zeros
+                 + 2 * b * h * r * d * 4  # f32 residual
+                 + b * h * (cq + r) * 4 + b * h * 4)  # pos, fill
+    assert kvjax.nbytes(out.state) == cfg.num_layers * per_layer + 2 * b * 4
+    assert kvjax.nbytes(out.state) < kvjax.nbytes(evicted.state)
+    for layer in out.state.layers:
+        assert isinstance(layer, QuantizedKV)
+        held = np.sum(np.asarray(layer.pos) >= 0, axis=-1)
+        assert np.all(held == budget + new - 1)  # the last sampled token is never fed back
+
+
+def test_chain_wrong_order_raises():
+    with pytest.raises(ValueError, match="snapkv needs a dense"):
+        chain(get_method("kivi", group=8, residual=16), get_method("snapkv", budget=64))
+    with pytest.raises(ValueError, match="needs a dense"):
+        chain(get_method("gear"), get_method("mikv"))
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_hyper_parameters_give_clear_errors(tiny):
+    model, params, prompt = tiny
+    for name in ("kivi", "gear", "rotatekv"):
+        with pytest.raises(ValueError, match="bits must be one of"):
+            get_method(name, bits=3)
+    with pytest.raises(ValueError, match="lo_bits must be one of"):
+        get_method("mikv", lo_bits=1)
+    with pytest.raises(ValueError, match="residual must be an integer >= 0"):
+        get_method("kivi", residual=-1)
+    with pytest.raises(ValueError, match="residual must be an integer >= 0"):
+        get_method("int8", residual=-4)
+    with pytest.raises(ValueError, match="positive multiple of the group"):
+        get_method("kivi", group=32, residual=48)
+    with pytest.raises(ValueError, match="does not divide head_dim 16"):  # head_dim of the tiny model is 16
+        generate(model, params, prompt, max_new_tokens=2, method=get_method("kivi", group=12, residual=24))
+    with pytest.raises(ValueError, match="does not divide head_dim 16"):
+        generate(model, params, prompt, max_new_tokens=2, method=get_method("int4", group=6))
+    with pytest.raises(ValueError, match="does not divide head_dim"):
+        QuantSpec(k_axis="token", k_group=5, v_group=8).resolve(16, 16)
+    with pytest.raises(ValueError, match="axis"):
+        QuantSpec(k_axis="head").resolve(16, 16)
+    with pytest.raises(ValueError, match="ring-buffer"):
+        quantize_dense_layer(init_dense_layer(1, 1, 8, 16, ring_start=0), QuantSpec(k_group=8, v_group=8,
+                                                                                   residual=8))
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        _random_kivi()[0].attend(jnp.zeros((2, 4, 1, 16)), jnp.zeros((2, 1), jnp.int32), impl="cuda")
+
+
+def test_prefill_capacity_rule(tiny):
+    """A fresh prefill gets the decode room; an evicted layer keeps its capacity (it already holds the room)."""
+    model, params, prompt = tiny
+    spec_m = get_method("kivi", group=8, residual=16)
+    _, st = prefill_compressed(model, params, prompt, method=spec_m, decode_room=10)
+    assert st.layers[0].q_capacity == ((T + 10) // 16) * 16 and st.layers[0].capacity >= T + 10
+    assert np.all(np.asarray(st.layers[0].fill) == T)
+    ctx = Context(cfg=model.cfg, decode_room=10, prompt_len=T)
+    dense = model.init_state(2, 33)  # not the prompt length: treated as already holding its room
+    out, _ = spec_m.prefill(dense, None, ctx)
+    assert out.layers[0].capacity >= 33 and out.layers[0].q_capacity == math.floor(33 / 16) * 16
