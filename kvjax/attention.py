@@ -131,3 +131,22 @@ def attend(q: jax.Array, layer, q_pos: jax.Array, *, sm_scale: float | None = No
         raise ValueError(f"unknown attention impl {impl!r}; choose 'reference' or 'pallas'")
     return reference_attention(q, k, v, q_pos, k_pos, sm_scale=sm_scale, window=layer.window, softcap=softcap,
                                observe=observe)
+
+
+def restrict_observations(obs: tuple[dict, ...], observe: Observe) -> tuple[dict, ...]:
+    """Observations computed for a union of needs, cut down to what ``observe`` asks for.
+
+    Lets one prefill serve several methods (the harness prefills each prompt once and compresses it many ways):
+    the observation window is the union's last ``observe.window`` queries, and unrequested entries are dropped.
+    """
+    out = []
+    for o in obs:
+        r = {}
+        if observe.colsum and "colsum" in o:
+            r["colsum"] = o["colsum"]
+        if observe.window and "window" in o:
+            # (A prompt shorter than the window gives fewer rows; slicing then keeps them all.)
+            r["window"] = o["window"][:, :, -observe.window:]
+            r["window_q"] = o["window_q"][:, :, -observe.window:]
+        out.append(r)
+    return tuple(out)

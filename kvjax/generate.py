@@ -82,11 +82,22 @@ def prefill_compressed(model: Model, params, prompt: jax.Array, *, method=None, 
     logits, state, obs = model.jit_forward(params, prompt, state, prompt_mask, observe=method.observe(),
                                            logits="last")
     if not full:
-        if getattr(method, "jittable", True):  # params stay out of the static context (they are not hashable)
-            state = _apply_prefill(method, dataclasses.replace(ctx, params=None), state, obs)
-        else:
-            state = method.prefill(state, obs, ctx)[0]
+        state = compress_prefilled(method, state, obs, ctx)
     return logits, state
+
+
+def compress_prefilled(method, state: KVState, obs, ctx) -> KVState:
+    """Applies ``method``'s one-shot ``prefill`` transform to a prefilled state and its observations.
+
+    ``obs`` may hold more than the method asked for (a shared prefill for several methods): it is cut down first.
+    Jittable methods run jitted with ``(method, ctx)`` static; others (data-dependent shapes) run eagerly.
+    """
+    from kvjax.attention import restrict_observations  # noqa: PLC0415
+
+    obs = restrict_observations(obs, method.observe())
+    if getattr(method, "jittable", True):  # params stay out of the static context (they are not hashable)
+        return _apply_prefill(method, dataclasses.replace(ctx, params=None), state, obs)
+    return method.prefill(state, obs, ctx)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -25,17 +25,20 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 STRATEGIES = ("pipeline", "loop")
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-    """``None`` → interpret mode exactly when the default backend is the CPU."""
+def resolve_interpret(interpret):
+    """``None`` → interpret mode exactly when the default backend is the CPU. Interpreter parameter objects (e.g.
+    ``pltpu.InterpretParams()``, which simulates TPU memory spaces and DMAs) are passed through to ``pallas_call``."""
     if interpret is None:
         return jax.default_backend() == "cpu"
-    return bool(interpret)
+    if isinstance(interpret, (bool, int, np.bool_)):
+        return bool(interpret)
+    return interpret
 
 
 def platform(interpret: bool, backend: str | None = None) -> str:
     """``'interpret'``, ``'tpu'`` or ``'gpu'``. ``backend`` overrides ``jax.default_backend()`` (e.g. to lower for
     a TPU / GPU with ``jax.export`` on another machine)."""
-    if interpret:
+    if interpret is not False:
         return "interpret"
     backend = jax.default_backend() if backend is None else backend
     if backend == "tpu":

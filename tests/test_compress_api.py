@@ -18,12 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvjax
+from kvjax.attention import Observe
 from kvjax.compress import Context, available_methods, chain, get_method
 from kvjax.config import ModelConfig
 from kvjax.state import DenseKV, KVState
 
 B, HQ, HKV, D, L = 2, 4, 2, 8, 2
 W = 3  # observation window of every window-based factory (one compiled prefill forward for all)
+T, ROOM = 12, 3  # prompt length and decoded tokens: every test uses these shapes so that compilations are shared
+BUDGETS = (4, 7, T + ROOM)  # the last one covers prompt + decoded tokens (identity)
 CFG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=L,
                   num_heads=HQ, num_kv_heads=HKV, head_dim=D, max_position_embeddings=256)
 
@@ -38,7 +41,7 @@ def _snap(name, **kw):
 FACTORIES = {
     "snapkv": _snap("snapkv"),
     "pyramidkv": _snap("pyramidkv", beta=2.0),
-    "adakv": _snap("adakv"),
+    "adakv": _snap("adakv", floor_alpha=0.34),
     "streaming_llm": lambda b: get_method("streaming_llm", n_sink=1, window=b - 1),
     "h2o": lambda b: get_method("h2o", budget=b),
     "scissorhands": lambda b: get_method("scissorhands", budget=b, history_window=W),
@@ -46,11 +49,17 @@ FACTORIES = {
     "lazy_eviction": lambda b: get_method("lazy_eviction", budget=b, window=W),
     "cake": lambda b: get_method("cake", budget=b, window=W, kernel=3),
     "d2o": lambda b: get_method("d2o", budget=b, n_sink=1),
-    "kvcrush": lambda b: get_method("kvcrush", budget=b, base=get_method("snapkv", window=W, kernel=3)),
+    "kvcrush": lambda b: get_method("kvcrush", budget=b, base=get_method("snapkv", window=W, kernel=3),
+                                    anchor="alternate"),
 }
 LAYER_ADAPTIVE = {"pyramidkv", "cake", "d2o"}  # per-layer budgets: the average over layers is the budget
 MERGING = {"d2o"}  # stored values may be merges of several tokens
-T = 12
+CTX = Context(cfg=CFG, decode_room=ROOM, prompt_len=T)
+
+
+def budgets_of(name):
+    """Budgets the property tests draw from (KVCrush needs base budget > window after its representatives)."""
+    return (5, 7, T + ROOM) if name == "kvcrush" else BUDGETS
 
 
 def registered_dense() -> list[str]:
@@ -81,12 +90,14 @@ def _softmax(x, mask):
     return e / np.maximum(e.sum(-1, keepdims=True), 1e-30)
 
 
-def synthetic_state(rng, pads=(0, 0), t=T, window=0, temperature=2.0):
-    """A prefilled 2-layer state of ``t`` slots per row (``pads[b]`` left-padding slots) and its observations.
+def synthetic_state(rng, pads=(0, 0), observe=None, temperature=2.0):
+    """A prefilled 2-layer state of ``T`` slots per row (``pads[b]`` left-padding slots) and the observations
+    ``observe`` asks for (the keys and shapes the model returns, so jitted transforms are shared with model runs).
 
-    Returns ``(state, obs, full)`` where ``full[l] = (k, v)`` are the layer's original keys/values by position.
+    Returns ``(state, obs, full)`` where ``full[l] = (k, v, pos)`` are the layer's original keys/values by position.
     """
-    b = len(pads)
+    observe = Observe(colsum=True, window=W) if observe is None else observe
+    b, t = len(pads), T
     pos = np.stack([np.concatenate([np.full(p, -1), np.arange(t - p)]) for p in pads]).astype(np.int32)  # (B, T)
     layers, obs, full = [], [], []
     for _ in range(L):
@@ -96,9 +107,11 @@ def synthetic_state(rng, pads=(0, 0), t=T, window=0, temperature=2.0):
         kp = pos[:, None, None, :]
         vis = (kp >= 0) & (qp >= 0) & (kp <= qp)
         p = _softmax(rng.normal(size=(b, HQ, t, t)) * temperature, np.broadcast_to(vis, (b, HQ, t, t)))
-        o = {"colsum": jnp.asarray(p.sum(axis=2), jnp.float32)}
-        if window:
-            w = min(window, t)
+        o = {}
+        if observe.colsum:
+            o["colsum"] = jnp.asarray(p.sum(axis=2), jnp.float32)
+        if observe.window:
+            w = min(observe.window, t)
             o["window"] = jnp.asarray(p[:, :, t - w:], jnp.float32)
             o["window_q"] = jnp.asarray(rng.normal(size=(b, HQ, w, D)), jnp.float32)
         layers.append(DenseKV(k=jnp.asarray(k), v=jnp.asarray(v),
@@ -200,22 +213,20 @@ def check_budget(name, method, state, steps, since_prefill_state):
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_property_state_valid_and_within_budget(name):
     make = FACTORIES[name]
-    budgets = {"kvcrush": (5, 8)}.get(name, (4, 7))
 
     @settings(max_examples=8, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(seed=st.integers(0, 2 ** 16), pad0=st.integers(0, 3), pad1=st.integers(0, 3),
-           budget=st.sampled_from(budgets), steps=st.integers(0, 2))
+    @given(seed=st.integers(0, 2 ** 16), pad0=st.integers(0, 4), pad1=st.integers(0, 4),
+           budget=st.sampled_from(budgets_of(name)), steps=st.integers(0, ROOM))
     def prop(seed, pad0, pad1, budget, steps):
         rng = np.random.default_rng(seed)
         method = make(budget)
-        state, obs, full = synthetic_state(rng, (pad0, pad1), window=method.observe().window)
-        ctx = Context(cfg=CFG, decode_room=3, prompt_len=T)
-        state = run_prefill(method, state, obs, ctx)
+        state, obs, full = synthetic_state(rng, (pad0, pad1), method.observe())
+        state = run_prefill(method, state, obs, CTX)
         check_valid(state, full, check_values=name not in MERGING)
         check_budget(name, method, state, 0, state)
         for s in range(steps):
-            state = decode_step(rng, state, method, ctx, full)
+            state = decode_step(rng, state, method, CTX, full)
             check_valid(state, full, check_values=name not in MERGING)
             check_budget(name, method, state, s + 1, state)
 
@@ -266,29 +277,33 @@ def decode_logits(model, params, state, tokens, method=None, ctx=None):
         lg, state, o = model.forward_impl(model.cfg, params, tokens[:, j:j + 1], state, None, observe=observe,
                                           logits="last")
         if method is not None and method.has_decode():
-            state = method.decode(state, o, ctx)
+            state = _jit_decode(method, ctx, state, o)
         out.append(np.asarray(lg))
     return np.stack(out, 1), state
+
+
+def model_prefill(model, params, prompt, observe):
+    """The model's prefill into a cache of exactly the prompt's length, with the observations ``observe`` asks for."""
+    _, state, obs = model.jit_forward(params, prompt, model.init_state(prompt.shape[0], prompt.shape[1]), None,
+                                      observe=observe, logits="last")
+    return state, obs
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_budget_covering_context_is_identity(tiny, name):
     model, params = tiny
-    t, n = 10, 3
     rng = np.random.default_rng(1)
-    prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, t)), jnp.int32)
-    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, n)), jnp.int32)
-    method = FACTORIES[name](t + n + 2)
+    prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, T)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, ROOM)), jnp.int32)
+    method = FACTORIES[name](T + ROOM)
     if name == "streaming_llm":  # re-rotating the sinks to their own positions is not bit-exact (see report)
         method = dataclasses.replace(method, reposition=False)
-    _, state, obs = model.jit_forward(params, prompt, model.init_state(B, t), None, observe=method.observe(),
-                                      logits="last")
-    ctx = Context(cfg=CFG, decode_room=n, prompt_len=t)
-    compressed = run_prefill(method, state, obs, ctx)
-    want, _ = decode_logits(model, params, pad_room(state, n), tokens)
-    got, final = decode_logits(model, params, compressed, tokens, method, ctx)
+    state, obs = model_prefill(model, params, prompt, method.observe())
+    compressed = run_prefill(method, state, obs, CTX)
+    assert all(layer.capacity == T + ROOM for layer in compressed.layers)
+    want, _ = decode_logits(model, params, pad_room(state, ROOM), tokens)
+    got, _ = decode_logits(model, params, compressed, tokens, method, CTX)
     np.testing.assert_array_equal(got, want)
-    assert all(int(jnp.sum(layer.valid[0, 0])) == t + n for layer in final.layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

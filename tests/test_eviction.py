@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_compress_api import (B, CFG, FACTORIES, HKV, HQ, W, decode_step, run_prefill, synthetic_state,
-                               tiny_params)
+from test_compress_api import (B, CFG, CTX, FACTORIES, HKV, HQ, ROOM, T, W, decode_step, model_prefill, run_prefill,
+                               synthetic_state, tiny_params)
 
 import kvjax
 from kvjax.compress import Context, get_method
@@ -28,8 +28,7 @@ from kvjax.models.llama import rms_norm
 from kvjax.rope import apply_rope, inv_frequencies
 from kvjax.state import nbytes
 
-G = HQ // HKV
-CTX = Context(cfg=CFG, decode_room=4, prompt_len=12)
+G = HQ // HKV  # The methods are FACTORIES' configurations (window W = 3, budgets 4 / 7): compilations are shared.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -85,20 +84,21 @@ def recent(pos, next_pos, window):
 # One-shot prompt methods
 # ---------------------------------------------------------------------------------------------------------------------
 def test_snapkv_keep_set_matches_numpy():
-    state, obs, _ = synthetic_state(np.random.default_rng(0), (0, 2), window=3)
-    m = get_method("snapkv", budget=6, window=3, kernel=3)
+    m = FACTORIES["snapkv"](7)
+    state, obs, _ = synthetic_state(np.random.default_rng(0), (0, 2), m.observe())
     out = run_prefill(m, state, obs, CTX)
     for i in range(2):
-        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, 3, 3, "avgpool")
-        assert kept(out.layers[i]) == np_select(score, np.asarray(state.layers[i].pos), 6, protect)
-        assert out.layers[i].capacity == 6 + CTX.decode_room
+        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, W, 3, "avgpool")
+        assert kept(out.layers[i]) == np_select(score, np.asarray(state.layers[i].pos), 7, protect)
+        assert out.layers[i].capacity == 7 + ROOM
 
 
 def test_streaming_llm_keep_set():
-    state, obs, _ = synthetic_state(np.random.default_rng(1), (0, 3))
-    out = run_prefill(get_method("streaming_llm", n_sink=2, window=4), state, obs, CTX)
+    m = FACTORIES["streaming_llm"](7)  # 1 sink + 6 recent
+    state, obs, _ = synthetic_state(np.random.default_rng(1), (0, 3), m.observe())
+    out = run_prefill(m, state, obs, CTX)
     for b, n in enumerate(np.asarray(state.next_pos)):
-        want = set(range(2)) | set(range(n - 4, n))
+        want = {0} | set(range(n - 6, n))
         assert all(s == want for s in kept(out.layers[0])[b])
 
 
@@ -110,13 +110,13 @@ def tiny():
 def test_streaming_llm_sinks_are_rerotated(tiny):
     """After compression, sink ``i``'s key is RoPE(pre-RoPE key, i + max(0, t - n_sink - window + 1))."""
     model, params = tiny
-    t, n_sink, window = 12, 2, 5
-    prompt = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (B, t)), jnp.int32)
+    n_sink, window = 2, 5
+    prompt = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (B, T)), jnp.int32)
     m = get_method("streaming_llm", n_sink=n_sink, window=window)
-    _, state = prefill_compressed(model, params, prompt, method=m, decode_room=2)
+    state = m.prefill(*model_prefill(model, params, prompt, m.observe()), CTX)[0]
     p0 = params["layers"][0]
     h = rms_norm(params["embed"][prompt], p0["attn_norm"], CFG.rms_norm_eps)
-    k_pre = (h @ p0["k"]).reshape(B, t, HKV, CFG.head_dim)[:, :n_sink]
+    k_pre = (h @ p0["k"]).reshape(B, T, HKV, CFG.head_dim)[:, :n_sink]
     inv = jnp.asarray(inv_frequencies(CFG.head_dim, CFG.rope_theta))
 
     def want(next_pos):
@@ -124,10 +124,10 @@ def test_streaming_llm_sinks_are_rerotated(tiny):
         rope_pos = jnp.broadcast_to(jnp.arange(n_sink) + shift, (B, n_sink))
         return np.asarray(apply_rope(k_pre, rope_pos, inv).transpose(0, 2, 1, 3))
 
-    np.testing.assert_allclose(np.asarray(state.layers[0].k[:, :, :n_sink]), want(t), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.layers[0].k[:, :, :n_sink]), want(T), atol=1e-5)
     _, state = model.decode_step(params, prompt[:, 0], state)
     state = m.decode(state, None, CTX)
-    np.testing.assert_allclose(np.asarray(state.layers[0].k[:, :, :n_sink]), want(t + 1), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.layers[0].k[:, :, :n_sink]), want(T + 1), atol=1e-5)
     assert np.asarray(state.layers[0].pos[0, 0, :n_sink]).tolist() == [0, 1]
 
 
@@ -143,23 +143,23 @@ def test_pyramid_budgets_follow_the_reference_formula():
 
 
 def test_pyramidkv_keep_sets_use_layer_budgets():
-    state, obs, _ = synthetic_state(np.random.default_rng(3), (0, 0), t=16, window=2)
-    m = get_method("pyramidkv", budget=6, window=2, kernel=3, beta=2.0)
-    budgets = pyramid_budgets(6, 2, 2.0, 2, 16)
-    assert budgets == [8, 4]
+    m = FACTORIES["pyramidkv"](7)  # window 3, beta 2: prefix budgets 6 and 2
+    state, obs, _ = synthetic_state(np.random.default_rng(3), (0, 0), m.observe())
+    budgets = pyramid_budgets(7, W, 2.0, 2, T)
+    assert budgets == [9, 5]
     out = run_prefill(m, state, obs, CTX)
     for i in range(2):
-        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, 2, 3, "maxpool")
+        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, W, 3, "maxpool")
         assert kept(out.layers[i]) == np_select(score, np.asarray(state.layers[i].pos), budgets[i], protect)
 
 
 def test_adakv_allocates_head_budgets_jointly():
-    state, obs, _ = synthetic_state(np.random.default_rng(4), (0, 1), window=3, temperature=4.0)
-    m = get_method("adakv", budget=6, window=3, kernel=3, floor_alpha=0.34)
+    m = FACTORIES["adakv"](7)  # window 3, floor_alpha 0.34: 4 prefix tokens per head, 1 of them guaranteed
+    state, obs, _ = synthetic_state(np.random.default_rng(4), (0, 1), m.observe(), temperature=4.0)
     out = run_prefill(m, state, obs, CTX)
-    base, floor = 3, 1
+    base, floor = 4, 1
     for i in range(2):
-        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, 3, 3, "maxpool")
+        score, protect = np_snap(obs[i], state.layers[i], state.next_pos, W, 3, "maxpool")
         pos = np.asarray(state.layers[i].pos)
         for b in range(B):
             cand = [(h, s) for h in range(HKV) for s in range(pos.shape[2]) if pos[b, h, s] >= 0 and not protect[b, h, s]]
@@ -172,27 +172,29 @@ def test_adakv_allocates_head_budgets_jointly():
                 want |= {int(pos[b, h, s]) for (hh, s) in chosen if hh == h}
                 assert kept(out.layers[i])[b][h] == want
         counts = np.asarray(jnp.sum(out.layers[i].valid, -1))
-        assert (counts.sum(1) <= HKV * 6).all() and np.asarray(out.layers[i].fill).tolist() == counts.tolist()
-    uniform = run_prefill(get_method("adakv", budget=6, window=3, kernel=3, head_budgets="uniform"), state, obs, CTX)
-    snap = run_prefill(get_method("snapkv", budget=6, window=3, kernel=3, pooling="maxpool"), state, obs, CTX)
+        assert (counts.sum(1) <= HKV * 7).all() and np.asarray(out.layers[i].fill).tolist() == counts.tolist()
+    uniform = get_method("adakv", budget=7, window=W, kernel=3, head_budgets="uniform").prefill(state, obs, CTX)[0]
+    snap = get_method("snapkv", budget=7, window=W, kernel=3, pooling="maxpool").prefill(state, obs, CTX)[0]
     assert [kept(layer) for layer in uniform.layers] == [kept(layer) for layer in snap.layers]
 
 
 def test_kvcrush_keeps_base_set_plus_hamming_representatives():
-    state, obs, _ = synthetic_state(np.random.default_rng(5), (0, 1), t=16, window=3)
-    base = get_method("snapkv", window=3, kernel=3)
-    m = get_method("kvcrush", base=base, budget=8, budget_fraction_for_representatives=0.25, anchor="zeros")
+    m = FACTORIES["kvcrush"](7)  # 2 representatives + SnapKV(window 3) with 5 tokens, anchor 0101
+    assert m.n_rep == 2 and m.base_method.budget == 5
     n_rep = 2
+    state, obs, _ = synthetic_state(np.random.default_rng(5), (0, 1), m.observe())
     out = run_prefill(m, state, obs, CTX)
+    anchor = np.arange(HQ) % 2 == 1
     for i in range(2):
         layer = state.layers[i]
         pos = np.asarray(layer.pos)
-        score, protect = np_snap(obs[i], layer, state.next_pos, 3, 3, "avgpool")
-        base_set = np_select(score, pos, 8 - n_rep, protect)
+        score, protect = np_snap(obs[i], layer, state.next_pos, W, 3, "avgpool")
+        base_set = np_select(score, pos, 7 - n_rep, protect)
         att = np.asarray(obs[i]["window"]).sum(2)  # (B, Hq, S)
         valid = pos[:, 0] >= 0
         mean = np.where(valid[:, None], att, 0).sum(-1, keepdims=True) / valid.sum(-1)[:, None, None]
-        dist = ((att > mean) & valid[:, None]).sum(1)  # Hamming distance to the all-zeros anchor, (B, S)
+        bits = (att > mean) & valid[:, None]
+        dist = (bits != anchor[None, :, None]).sum(1)  # Hamming distance to the anchor signature, (B, S)
         for b in range(B):
             for h in range(HKV):
                 ev = [s for s in range(pos.shape[2]) if pos[b, h, s] >= 0 and pos[b, h, s] not in base_set[b][h]]
@@ -211,11 +213,11 @@ def run_decode(method, state, obs, steps, seed):
     full = [None] * len(state.layers)
     for i, layer in enumerate(state.layers):
         full[i] = (np.asarray(layer.k), np.asarray(layer.v), np.asarray(layer.pos[:, 0]))
-    ctx = Context(cfg=CFG, decode_room=steps, prompt_len=state.layers[0].capacity)
-    after = [run_prefill(method, state, obs, ctx)]
+    assert steps <= ROOM
+    after = [run_prefill(method, state, obs, CTX)]
     seen = []
     for _ in range(steps):
-        after.append(decode_step(rng, after[-1], method, ctx, full, seen))
+        after.append(decode_step(rng, after[-1], method, CTX, full, seen))
     return after, seen
 
 
@@ -232,10 +234,11 @@ def evict_lowest(scores: dict, n: int, candidates) -> None:
 
 
 def test_h2o_matches_numpy_simulation():
-    budget, heavy = 6, 3
-    state, obs, _ = synthetic_state(np.random.default_rng(6), (0, 2), t=10)
-    m = get_method("h2o", budget=budget, heavy_ratio=0.5)
-    after, seen = run_decode(m, state, obs, 4, seed=7)
+    budget, heavy = 7, 4
+    m = FACTORIES["h2o"](budget)
+    assert m.heavy == heavy
+    state, obs, _ = synthetic_state(np.random.default_rng(6), (0, 2), m.observe())
+    after, seen = run_decode(m, state, obs, ROOM, seed=7)
     rec = budget - heavy
     for i in range(2):
         score0 = gmean(obs[i]["colsum"])
@@ -254,11 +257,11 @@ def test_h2o_matches_numpy_simulation():
 
 
 def test_scissorhands_matches_numpy_simulation():
-    budget, hist, rec, drop = 6, 3, 1, 3
-    state, obs, _ = synthetic_state(np.random.default_rng(8), (0, 1), t=9, window=hist)
-    m = get_method("scissorhands", budget=budget, history_window=hist, recent_window=rec, drop_fraction=0.5)
-    assert m.drop == drop
-    after, seen = run_decode(m, state, obs, 5, seed=9)
+    budget, hist, rec, drop = 4, W, 1, 2
+    m = FACTORIES["scissorhands"](budget)
+    assert (m.history, m.recent, m.drop) == (hist, rec, drop)
+    state, obs, _ = synthetic_state(np.random.default_rng(8), (0, 1), m.observe())
+    after, seen = run_decode(m, state, obs, ROOM, seed=9)
     for i in range(2):
         pos0 = np.asarray(state.layers[i].pos)
         win = gmean(obs[i]["window"])  # (B, Hkv, W, S)
@@ -292,10 +295,10 @@ def test_scissorhands_matches_numpy_simulation():
 
 
 def test_keyformer_gumbel_scores_and_schedule_match_numpy():
-    budget = 6
-    state, obs, _ = synthetic_state(np.random.default_rng(10), (0, 2), t=10, window=4)
-    m = get_method("keyformer", budget=budget, prompt_window=4, recent_ratio=0.34, tau_init=1.0, tau_end=3.0)
-    assert m.recent == 2 and m.tau(0, 4) == 1.0 and m.tau(4, 4) == 3.0 and m.tau(1, 4) == 1.5
+    budget = 7
+    m = FACTORIES["keyformer"](budget)  # recent window int(0.3 * 7) = 2, tau 1 -> 2 over the 3 decoding steps
+    state, obs, _ = synthetic_state(np.random.default_rng(10), (0, 2), m.observe())
+    assert m.recent == 2 and m.tau(0, 3) == 1.0 and m.tau(3, 3) == 2.0 and m.tau(1, 4) == 1.25
 
     def np_gumbel(p, key, tau):
         g = np.asarray(jax.random.gumbel(key, p.shape, jnp.float32))
@@ -305,16 +308,16 @@ def test_keyformer_gumbel_scores_and_schedule_match_numpy():
         e = np.where(live, np.exp(z - z.max(-1, keepdims=True)), 0.0)
         return e / e.sum(-1, keepdims=True)
 
-    key = jax.random.PRNGKey(3)
+    key = m._key(0, state.next_pos)
     np.testing.assert_allclose(np.asarray(gumbel_softmax_of_probs(obs[0]["window"], key, 1.5)),
                                np_gumbel(obs[0]["window"], key, 1.5), rtol=1e-5, atol=1e-6)
-    after, seen = run_decode(m, state, obs, 2, seed=11)
+    after, seen = run_decode(m, state, obs, ROOM, seed=11)
     for i in range(2):
         pos0 = np.asarray(state.layers[i].pos)
         score0 = gmean(np_gumbel(obs[i]["window"], m._key(i, state.next_pos), 1.0).sum(2))
         assert kept(after[0].layers[i]) == np_select(score0, pos0, budget, recent(pos0, state.next_pos, 2))
-        step_scores = [gmean(np_gumbel(o[i]["colsum"], m._key(i, pre.next_pos), 1.0 + (step + 1) * (3.0 - 1.0) / 2))
-                       for step, (pre, o) in enumerate(seen)]  # tau schedule over decode_room = 2 steps
+        step_scores = [gmean(np_gumbel(o[i]["colsum"], m._key(i, pre.next_pos), 1.0 + (step + 1) / ROOM))
+                       for step, (pre, o) in enumerate(seen)]  # tau schedule 1 -> 2 over the decoding steps
         for b in range(B):
             for h in range(HKV):
                 scores = {p: float(s) for p, s in slot_values(state.layers[i], b, h, score0[b, h]).items()
@@ -328,10 +331,10 @@ def test_keyformer_gumbel_scores_and_schedule_match_numpy():
 
 
 def test_lazy_eviction_matches_numpy_simulation():
-    budget, window = 6, 2
-    state, obs, _ = synthetic_state(np.random.default_rng(12), (0, 1), t=10, window=window)
-    m = get_method("lazy_eviction", budget=budget, window=window)
-    after, seen = run_decode(m, state, obs, 5, seed=13)
+    budget, window = 7, W
+    m = FACTORIES["lazy_eviction"](budget)
+    state, obs, _ = synthetic_state(np.random.default_rng(12), (0, 1), m.observe())
+    after, seen = run_decode(m, state, obs, ROOM, seed=13)
     for i in range(2):
         pos0 = np.asarray(state.layers[i].pos)
         win = gmean(obs[i]["window"])
@@ -381,9 +384,9 @@ def test_proportional_and_cascade_budgets():
 
 
 def test_cake_preferences_indicator_and_keep_sets():
-    window, budget, gamma = 3, 6, 200.0
-    state, obs, _ = synthetic_state(np.random.default_rng(14), (0, 2), t=12, window=window)
+    window, budget, gamma = W, 7, 200.0
     m = get_method("cake", budget=budget, window=window, kernel=3, tau1=1.0, tau2=2.0)
+    state, obs, _ = synthetic_state(np.random.default_rng(14), (0, 2), m.observe())
     out = run_prefill(m, state, obs, CTX)
     prefs, scores = [], []
     for i in range(2):
@@ -415,9 +418,9 @@ def test_cake_preferences_indicator_and_keep_sets():
 
 
 def test_cake_decode_evicts_by_pooled_attention():
-    state, obs, _ = synthetic_state(np.random.default_rng(15), (0, 0), t=12, window=3)
-    m = get_method("cake", budget=6, window=3, kernel=3)
-    after, seen = run_decode(m, state, obs, 2, seed=16)
+    m = FACTORIES["cake"](7)
+    state, obs, _ = synthetic_state(np.random.default_rng(15), (0, 0), m.observe())
+    after, seen = run_decode(m, state, obs, ROOM, seed=16)
     for step, (pre, o) in enumerate(seen):
         for i in range(2):
             layer = pre.layers[i]
@@ -509,8 +512,8 @@ def np_d2o_prefill(m, state, obs):
 
 
 def test_d2o_prefill_budgets_evicts_and_merges_like_numpy():
-    state, obs, _ = synthetic_state(np.random.default_rng(17), (0, 1), t=14, temperature=3.0)
-    m = get_method("d2o", budget=6, n_sink=1)
+    m = FACTORIES["d2o"](7)
+    state, obs, _ = synthetic_state(np.random.default_rng(17), (0, 1), m.observe(), temperature=3.0)
     budgets, want = np_d2o_prefill(m, state, obs)
     out = run_prefill(m, state, obs, CTX)
     merged = 0
@@ -532,9 +535,9 @@ def test_d2o_prefill_budgets_evicts_and_merges_like_numpy():
 
 
 def test_d2o_decode_evicts_one_token_and_merges_it():
-    state, obs, _ = synthetic_state(np.random.default_rng(18), (0, 0), t=10)
-    m = get_method("d2o", budget=5, n_sink=1)
-    after, seen = run_decode(m, state, obs, 3, seed=19)
+    m = FACTORIES["d2o"](4)
+    state, obs, _ = synthetic_state(np.random.default_rng(18), (0, 0), m.observe())
+    after, seen = run_decode(m, state, obs, ROOM, seed=19)
     for step, (pre, o) in enumerate(seen):
         post = after[step + 1]
         for i in range(2):
@@ -577,16 +580,17 @@ def test_d2o_decode_evicts_one_token_and_merges_it():
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_generate_end_to_end(tiny, name):
     model, params = tiny
-    t, n = 10, 3
-    prompt = jnp.asarray(np.random.default_rng(20).integers(0, CFG.vocab_size, (B, t)), jnp.int32)
-    small, large = (5, 8) if name == "kvcrush" else (4, 8)
-    out = generate(model, params, prompt, method=FACTORIES[name](small), max_new_tokens=n)
-    assert out.tokens.shape == (B, n) and out.lengths.tolist() == [n] * B
+    prompt = jnp.asarray(np.random.default_rng(20).integers(0, CFG.vocab_size, (B, T)), jnp.int32)
+    small, large = (5, 7) if name == "kvcrush" else (4, 7)
+    out = generate(model, params, prompt, method=FACTORIES[name](small), max_new_tokens=ROOM)
+    assert out.tokens.shape == (B, ROOM) and out.lengths.tolist() == [ROOM] * B
     assert out.prefill_logits.shape == (B, CFG.vocab_size)
-    assert all(layer.capacity <= t + n for layer in out.state.layers)
-    assert (np.asarray(out.tokens) >= 0).all() and (np.asarray(out.tokens) < CFG.vocab_size).all()
-    sizes = [nbytes(prefill_compressed(model, params, prompt, method=FACTORIES[name](b), decode_room=n)[1])
-             for b in (large,)] + [nbytes(out.state)]
-    full = nbytes(prefill_compressed(model, params, prompt, decode_room=n)[1])
-    assert sizes[1] < sizes[0] <= full + 4096, sizes  # extras (scores) cost a few bytes per slot
-    assert W == 3
+    assert ((np.asarray(out.tokens) >= 0) & (np.asarray(out.tokens) < CFG.vocab_size)).all()
+    assert all(layer.capacity < T + ROOM for layer in out.state.layers)
+    sizes = {}
+    for b in (small, large, T + ROOM):
+        method = FACTORIES[name](b)
+        sizes[b] = nbytes(run_prefill(method, *model_prefill(model, params, prompt, method.observe()), CTX))
+    full = nbytes(prefill_compressed(model, params, prompt, decode_room=ROOM)[1])
+    assert nbytes(out.state) <= sizes[small] < sizes[large] < sizes[T + ROOM], sizes
+    assert sizes[large] < full, (sizes, full)

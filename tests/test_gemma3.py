@@ -12,6 +12,7 @@ import json
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -305,16 +306,10 @@ def _kvjax_nll(model, params, ids, chunk=256):
     for a in range(0, len(ids), chunk):
         x = jnp.asarray(ids[None, a:a + chunk])
         logits, state = model.jit_prefill(params, x, state)
-        lp = np.asarray(jax_log_softmax(logits[0]))
+        lp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
         tgt = ids[a + 1:a + chunk + 1]
         nll.append(-lp[np.arange(len(tgt)), tgt])
     return np.concatenate(nll)
-
-
-def jax_log_softmax(x):
-    import jax  # noqa: PLC0415
-
-    return jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
 
 
 def _hf_nll(hf, ids, chunk=256):

@@ -155,6 +155,17 @@ def test_f32_queries_over_bf16_cache():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
+def test_tpu_interpreter():
+    """The pipeline (TPU) strategy under the TPU interpreter (simulated VMEM/SMEM, DMAs and semaphores)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    case = make_case(11, g=4, tq=2, c=200, d=64, lengths=[[200, 37], [130, 65]])
+    out = decode_attention(case["q"], case["k"], case["v"], case["pos"], case["q_pos"], lengths=case["lengths"],
+                           block_k=64, num_splits=2, interpret=pltpu.InterpretParams())
+    ref = ref_jit(case["q"], case["k"], case["v"], case["pos"], case["q_pos"], lengths=case["lengths"])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
 def test_validation_errors():
     case = make_case(1, g=2, c=64, d=64)
     q, k, v, pos, qp = case["q"], case["k"], case["v"], case["pos"], case["q_pos"]

@@ -46,17 +46,17 @@ def test_quantize_dequantize_error_bound(bits, scale_dtype):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 3, 64, 32)) * 3, jnp.float32)
     x = x.at[0, 0, :16, :].set(1.25)  # constant token group / channel group: scale 0, exact
-    for quant, dequant, sshape in ((packing.quantize_per_token, packing.dequantize_per_token, (2, 3, 64, 2)),
-                                   (packing.quantize_per_channel, packing.dequantize_per_channel, (2, 3, 4, 32))):
+    for quant, dequant, sshape in ((_qtok, packing.dequantize_per_token, (2, 3, 64, 2)),
+                                   (_qchan, packing.dequantize_per_channel, (2, 3, 4, 32))):
         packed, scale, zero = quant(x, bits, 16, scale_dtype=scale_dtype)
         assert packed.shape == (2, 3, 64, 32 * bits // 8) and scale.shape == zero.shape == sshape
         assert scale.dtype == scale_dtype
-        y = np.asarray(dequant(packed, scale, zero, bits))
+        y = np.asarray(jax.jit(dequant, static_argnums=3)(packed, scale, zero, bits))
         err = np.abs(y - np.asarray(x))
         # half a quantization step (+ rounding of the stored scale/zero)
         step = np.asarray(scale, np.float32).max()
         assert err.max() <= step / 2 + 1e-5 + (step * 2 ** bits * 4e-3 if scale_dtype == jnp.bfloat16 else 0)
-    packed, scale, zero = packing.quantize_per_channel(x, bits, 16)
+    packed, scale, zero = _qchan(x, bits, 16)
     assert float(scale[0, 0, 0, 0]) == 0.0
     np.testing.assert_array_equal(np.asarray(packing.dequantize_per_channel(packed, scale, zero, bits))[0, 0, :16],
                                   1.25)
@@ -125,20 +125,24 @@ def _call(fn, case, static, **kw):
 
 def test_quantized_reference_is_dequantize_then_attend():
     case, static = make_qcase(0, bits=2, c=64, d=16, gk=16, gv=8, r=8, lengths=[[64, 20], [7, 0]])
-    out = _call(quantized_decode_attention_reference, case, static)
-    k, v = dequantize_cache(case["k_codes"], case["k_scale"], case["k_zero"], case["v_codes"], case["v_scale"],
-                            case["v_zero"], bits=2)
-    kk = jnp.concatenate([k, case["k_res"]], axis=2)
-    vv = jnp.concatenate([v, case["v_res"]], axis=2)
-    pp = jnp.concatenate([case["pos"], case["res_pos"]], axis=2)
-    lens = case["lengths"]
-    ok = jnp.concatenate([jnp.arange(64)[None, None] < lens[..., None], jnp.ones((2, 2, 8), bool)], axis=2)
-    pp = jnp.where(ok, pp, -1)
-    kk = jnp.where((pp >= 0)[..., None], kk, 0.0)
-    vv = jnp.where((pp >= 0)[..., None], vv, 0.0)
-    want = attention_reference(case["q"], kk, vv, pp, case["q_pos"])
+    out = _call(qref, case, static)
+
+    @jax.jit
+    def want_fn(case):
+        k, v = dequantize_cache(case["k_codes"], case["k_scale"], case["k_zero"], case["v_codes"], case["v_scale"],
+                                case["v_zero"], bits=2)
+        kk = jnp.concatenate([k, case["k_res"]], axis=2)
+        vv = jnp.concatenate([v, case["v_res"]], axis=2)
+        pp = jnp.concatenate([case["pos"], case["res_pos"]], axis=2)
+        ok = jnp.concatenate([jnp.arange(64)[None, None] < case["lengths"][..., None], jnp.ones((2, 2, 8), bool)],
+                             axis=2)
+        pp = jnp.where(ok, pp, -1)
+        kk = jnp.where((pp >= 0)[..., None], kk, 0.0)
+        vv = jnp.where((pp >= 0)[..., None], vv, 0.0)
+        return attention_reference(case["q"], kk, vv, pp, case["q_pos"])
+
     assert np.isfinite(np.asarray(out)).all()
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_fn(case)), atol=1e-6)
 
 
 # (bits, v_bits, g, d, dtype, residual, lengths, strategy, unpack layout, window, softcap, scale dtype): bits 2/4/8,
@@ -207,7 +211,7 @@ def test_lowers_for_tpu_and_gpu(platform, strategy):
 
     sd = jax.ShapeDtypeStruct
     b, hkv, g, c, d, r = 1, 2, 3, 1024, 128, 24
-    for bits in (2, 4):
+    for bits in ((2,) if platform == "tpu" else (4,)):
         args = (sd((b, hkv * g, 1, d), jnp.bfloat16), sd((b, hkv, c, d * bits // 8), jnp.uint8),
                 sd((b, hkv, c // 32, d), jnp.bfloat16), sd((b, hkv, c // 32, d), jnp.bfloat16),
                 sd((b, hkv, c, d * bits // 8), jnp.uint8), sd((b, hkv, c, d // 32), jnp.bfloat16),

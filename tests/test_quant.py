@@ -294,7 +294,7 @@ def test_methods_run_in_generate_and_track_full_precision(tiny):
         assert out.tokens.shape == (2, 6) and np.all(np.asarray(out.lengths) == 6)
         for layer in out.state.layers:  # prompt + generated tokens all still in the cache, at their positions
             assert np.all(np.sort(np.asarray(layer.pos)[0, 0][np.asarray(layer.pos)[0, 0] >= 0])
-                          == np.arange(T + 5))
+                          == np.arange(T + 6))
         sizes[name] = kvjax.kv_nbytes(out.state)
     assert max(sizes.values()) < kvjax.kv_nbytes(full.state), sizes
 
@@ -318,7 +318,7 @@ def test_chain_snapkv_then_kivi_is_evicted_and_packed(tiny):
     for layer in out.state.layers:
         assert isinstance(layer, QuantizedKV)
         held = np.sum(np.asarray(layer.pos) >= 0, axis=-1)
-        assert np.all(held == budget + new - 1)  # the last sampled token is never fed back
+        assert np.all(held == budget + new)  # every sampled token is fed back (the loop writes it)
 
 
 def test_chain_wrong_order_raises():

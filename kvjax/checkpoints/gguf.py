@@ -276,8 +276,8 @@ class _Header:
 
     def _check_room(self, n_bytes: int, what: str) -> None:
         if n_bytes < 0 or self._pos + n_bytes > self.size:
-            raise ValueError(f"{self.path} is truncated or corrupt: {what} needs {n_bytes} bytes at offset {self._pos}, "
-                             f"the file has {self.size}")
+            raise ValueError(f"{self.path} is truncated or corrupt: {what} needs {n_bytes} bytes at offset "
+                             f"{self._pos}, the file has {self.size}")
 
     def _string(self) -> str:
         n = self._take("<Q")

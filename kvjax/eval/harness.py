@@ -11,10 +11,14 @@ Measurements, per cell:
   for RULER-style tasks) on the greedy continuation, and the teacher-forced log-probability of the reference answer
   (a smoother signal than accuracy on a small model); perplexity and the KL divergence of next-token distributions
   from the full cache's on real text;
-* bytes: :func:`kvjax.nbytes` of the state after prefill + compression and at the end of decoding, and the bytes of
-  the full cache for the same prompt (built with ``jax.eval_shape`` from the same state constructor), hence the ratio;
-* speed: prefill (+ compression) seconds and decode tokens/s, timed with ``block_until_ready``; the first cell of each
-  compiled shape is flagged ``warm=False`` (it includes compilation) and left out of the speed summary.
+* bytes: :func:`kvjax.nbytes` of the state after prefill + compression and at the end of decoding, and of the full
+  cache for the same prompt (the shared prefill's state), hence the ratio;
+* speed: prefill and compression seconds and decode tokens/s, timed with ``block_until_ready``; the first run of
+  every compiled shape is repeated and only the repeat is timed, so no figure includes compilation.
+
+Every prompt is prefilled once (:func:`shared_prefill`, with the union of the observations all methods need) and
+each method compresses that same state: methods are compared on identical inputs, and the run costs one prefill per
+example instead of one per (method, example).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import numpy as np
 from kvjax.compress.base import Context, Identity, Method, get_method
 from kvjax.eval import scoring
 from kvjax.eval.tasks import Example, format_prompt, get_task
-from kvjax.generate import SamplingConfig, decode_loop, prefill_compressed
+from kvjax.generate import SamplingConfig, compress_prefilled, decode_loop
 from kvjax.state import nbytes
 
 PPL_TASK = "perplexity"
@@ -124,11 +128,6 @@ def _ready(x):
     return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
 
-def full_cache_bytes(model, batch: int, capacity: int) -> int:
-    """Bytes of the uncompressed cache for ``capacity`` slots, from the state constructor's shapes."""
-    return nbytes(jax.eval_shape(lambda: model.init_state(batch, capacity)))
-
-
 @dataclasses.dataclass
 class Prepared:
     """A tokenized example, left-padded to the shape shared by its group."""
@@ -177,21 +176,45 @@ def answer_logprob(model, params, state, last_logits, answer_ids, answer_mask) -
     return float(first + rest[:n].sum())
 
 
-def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: int) -> dict:
-    """Prefill + compress + greedy decode + scoring of one example."""
+def shared_prefill(lm, tokens: jax.Array, mask: jax.Array | None, variants: list[Variant], room: int):
+    """Prefills a prompt once, into a full cache with ``room`` free slots, with the union of the observations the
+    ``variants`` need; every variant is then compressed from this one state. Returns ``(logits, state, obs, seconds)``.
+    """
+    from kvjax.compress.base import merge_observe
+
     model, params = lm.model, lm.params
-    tokens = jnp.asarray(prep.tokens[None])
-    mask = jnp.asarray(prep.mask[None])
-    method = None if variant.is_full else variant.method
+    observe = merge_observe(*(v.method.observe() for v in variants if not v.is_full))
+    state = model.init_state(tokens.shape[0], tokens.shape[1] + room)
     t0 = time.perf_counter()
-    room = max(max_new_tokens, len(prep.answer_ids))  # free slots for decoding and for the teacher-forced answer
-    logits, state = prefill_compressed(model, params, tokens, method=method, prompt_mask=mask, decode_room=room)
-    _ready((logits, state))
-    t1 = time.perf_counter()
+    logits, state, obs = model.jit_forward(params, tokens, state, mask, observe=observe, logits="last")
+    _ready((logits, state, obs))
+    return logits, state, obs, time.perf_counter() - t0
+
+
+def compress_variant(lm, variant: Variant, state, obs, room: int, prompt_len: int):
+    """The variant's one-shot compression of a shared prefill. Returns ``(state, seconds)``."""
+    if variant.is_full:
+        return state, 0.0
+    ctx = Context(cfg=lm.cfg, decode_room=room, params=lm.params, prompt_len=prompt_len)
+    t0 = time.perf_counter()
+    state = _ready(compress_prefilled(variant.method, state, obs, ctx))
+    return state, time.perf_counter() - t0
+
+
+def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: int, prefilled) -> dict:
+    """Compression of the shared prefill, teacher-forced answer log-prob, greedy decode and scoring of one example.
+
+    ``prefilled`` = :func:`shared_prefill`'s result for this example.
+    """
+    model, params = lm.model, lm.params
+    logits, full_state, obs, prefill_s = prefilled
+    room = full_state.layers[0].capacity - len(prep.tokens)
+    state, compress_s = compress_variant(lm, variant, full_state, obs, room, len(prep.tokens))
     bytes_prefill = nbytes(state)
     logp = answer_logprob(model, params, state, logits, prep.answer_ids, prep.answer_mask)
+    method = None if variant.is_full else variant.method
     streaming = method if (method is not None and method.has_decode()) else None
-    ctx = Context(cfg=model.cfg, decode_room=room, prompt_len=tokens.shape[1]) if streaming else None
+    ctx = Context(cfg=model.cfg, decode_room=room, prompt_len=len(prep.tokens)) if streaming else None
     t2 = time.perf_counter()
     out, lengths, state = decode_loop(model, params, logits, state, jax.random.PRNGKey(0), max_new_tokens,
                                       SamplingConfig(), tuple(lm.stop_tokens()), streaming, ctx)
@@ -201,14 +224,14 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
     text = lm.tokenizer.decode(np.asarray(out[0, :n]).tolist(), skip_special_tokens=True)
     ex = prep.example
     metric = ex.meta.get("metric", "contains_all")
-    full_bytes = full_cache_bytes(model, 1, tokens.shape[1] + room)
+    full_bytes = nbytes(full_state)
     return dict(
         task=ex.task, context_tokens=int(ex.meta.get("requested_context_tokens", ex.context_tokens)),
         prompt_tokens=int(prep.mask.sum()), depth=None if math.isnan(ex.depth) else float(ex.depth), seed=ex.seed,
         prediction=text, answers=list(ex.answers), metric=metric, score=float(scoring.score(metric, text, ex.answers)),
         answer_logprob=logp, kv_bytes_prefill=bytes_prefill, kv_bytes_end=nbytes(state), kv_bytes_full=full_bytes,
-        compression_ratio=full_bytes / max(1, bytes_prefill), prefill_s=t1 - t0, decode_s=t3 - t2,
-        decode_tokens=n, decode_tok_s=n / max(t3 - t2, 1e-9),
+        compression_ratio=full_bytes / max(1, bytes_prefill), prefill_s=prefill_s + compress_s,
+        compress_s=compress_s, decode_s=t3 - t2, decode_tokens=n, decode_tok_s=n / max(t3 - t2, 1e-9),
     )
 
 
@@ -246,25 +269,24 @@ def _chunk_nll(logits_first, logits_rest, targets):
 
 
 def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_tokens: int, mode: str,
-                        reference: dict | None) -> tuple[dict, dict]:
+                        reference: dict | None, prefilled) -> tuple[dict, dict]:
     """Perplexity of ``segments[:, context_tokens:]`` after compressing the first ``context_tokens`` tokens.
 
     ``mode="chunk"``: the continuation is scored in one teacher-forced chunk over the compressed cache (fast; the
     method's decode phase does not run inside the chunk). ``mode="stream"``: token by token through the cache with
     the method's decode phase every ``every`` steps (how StreamingLLM measures perplexity).
-    Returns the result row and the logits/NLL needed as the full-cache reference.
+    ``prefilled`` = :func:`shared_prefill` of the contexts. Returns the result row and the logits/perplexity that
+    serve as the full-cache reference.
     """
     model, params = lm.model, lm.params
     b = segments.shape[0]
-    ctx_toks = jnp.asarray(segments[:, :context_tokens])
     cont = jnp.asarray(segments[:, context_tokens:])
     m = cont.shape[1]
+    last, full_state, obs, prefill_s = prefilled
+    state, compress_s = compress_variant(lm, variant, full_state, obs, m, context_tokens)
     method = None if variant.is_full else variant.method
-    t0 = time.perf_counter()
-    last, state = prefill_compressed(model, params, ctx_toks, method=method, decode_room=m)
-    _ready((last, state))
-    t1 = time.perf_counter()
     bytes_prefill = nbytes(state)
+    t1 = time.perf_counter()
     if mode == "chunk":
         rest, state, _ = model.jit_forward(params, cont, state, logits="all")
         nll, logits = _chunk_nll(last, rest, cont)
@@ -279,8 +301,8 @@ def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_toke
     nll = np.asarray(nll, np.float64)
     row = dict(task=PPL_TASK, context_tokens=context_tokens, eval_tokens=m, segments=b, mode=mode,
                nll=float(nll.mean()), perplexity=float(np.exp(nll.mean())), kv_bytes_prefill=bytes_prefill,
-               kv_bytes_end=nbytes(state), kv_bytes_full=full_cache_bytes(model, b, context_tokens + m),
-               prefill_s=t1 - t0, eval_s=t2 - t1, eval_tok_s=b * m / max(t2 - t1, 1e-9))
+               kv_bytes_end=nbytes(state), kv_bytes_full=nbytes(full_state), prefill_s=prefill_s + compress_s,
+               compress_s=compress_s, eval_s=t2 - t1, eval_tok_s=b * m / max(t2 - t1, 1e-9))
     row["compression_ratio"] = row["kv_bytes_full"] / max(1, bytes_prefill)
     if reference is not None:
         row["kl_vs_full"] = float(scoring.kl_divergence(np.asarray(reference["logits"]).reshape(-1, logits.shape[-1]),

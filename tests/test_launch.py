@@ -1,0 +1,88 @@
+"""End-to-end launch runs on the tiny random model: outputs, resume, and bad configs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvjax.eval.experiment import ConfigError, run_experiment, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(run_dir):
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import tiny  # noqa: PLC0415
+
+    c = tiny.get_config()
+    c.run_dir = str(run_dir)
+    return c
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    summary = run_experiment(_config(run_dir), progress=False)
+    return run_dir, summary
+
+
+def test_outputs_written(finished_run):
+    run_dir, summary = finished_run
+    for name in ("config.json", "results.jsonl", "summary.csv", "summary.json", "quality_vs_bytes.png"):
+        assert (run_dir / name).exists(), name
+    rows = [json.loads(l) for l in open(run_dir / "results.jsonl")]
+    # 4 method variants... 3 variants x (2 passkey examples + 1 perplexity cell)
+    assert len(rows) == 9
+    labels = {r["label"] for r in rows}
+    assert labels == {"full", "snapkv[budget=48]", "streaming_llm"}
+    by = {(r["label"], r["task"]): r for r in rows}
+    full = by[("full", "perplexity")]
+    assert full["kl_vs_full"] == 0.0 and full["compression_ratio"] == 1.0
+    snap = by[("snapkv[budget=48]", "passkey")]
+    assert snap["kv_bytes_prefill"] < by[("full", "passkey")]["kv_bytes_prefill"]
+    assert snap["compression_ratio"] > 1.5
+    for r in rows:
+        assert r["warm"] and r["kv_bytes_prefill"] > 0
+    tasks = {s["task"] for s in summary}
+    assert tasks == {"passkey", "perplexity"}
+    assert all(s["speed_vs_full"] for s in summary)
+
+
+def test_resume_skips_finished_cells(finished_run):
+    run_dir, _ = finished_run
+    before = open(run_dir / "results.jsonl").read()
+    with open(run_dir / "results.jsonl", "a") as f:
+        f.write('{"torn": ')  # a crash in the middle of a write
+    run_experiment(_config(run_dir), progress=False)
+    after = open(run_dir / "results.jsonl").read()
+    assert after.startswith(before) and after[len(before):].strip() == '{"torn":'
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.methods.update({"snapkvv": {}}), "unknown compression method 'snapkvv'; available: "),
+    (lambda c: c.methods.snapkv.update({"bugdet": 3}), "no hyper-parameter\\(s\\) bugdet; valid: budget"),
+    (lambda c: c.methods.snapkv.update({"budget": (500,)}), "budget 500 is larger than the context"),
+    (lambda c: c.methods.snapkv.update({"kernel": 4}), "kernel must be odd"),
+    (lambda c: c.tasks.update({"passkee": {"context_tokens": (64,)}}), "passkee"),
+    (lambda c: c.model.update({"name": "/no/such/ckpt"}), "neither an embedded model"),
+])
+def test_bad_configs_fail_clearly(tmp_path, mutate, message):
+    c = _config(tmp_path / "out")
+    mutate(c)
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_key_and_bad_method_exit_nonzero(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "kvjax.launch", f"--config={ROOT}/configs/tiny.py",
+            f"--config.run_dir={tmp_path}/out", "--noprogress"]
+    r = subprocess.run(base + ["--config.no_such_key=1"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode != 0 and "no_such_key" in r.stderr
+    r = subprocess.run(base + ["--config.methods.snapkv.window=0"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2 and "window must be > 0" in r.stderr
+    assert not (tmp_path / "out").exists()
