@@ -80,23 +80,31 @@ class DenseKV:
     def append(self, k: Array, v: Array, pos: Array) -> "DenseKV":
         """Writes ``n`` new tokens: ``k``/``v`` ``(B, Hkv, n, D)``, ``pos`` ``(B, n)`` (``-1`` = padding).
 
-        On a ring layer only the last ``capacity - ring_start`` tokens of a long chunk are kept (earlier ones would
-        be overwritten within the same chunk).
+        A plain buffer stores padding tokens too (as invalid slots). A ring layer stores only real tokens, so that
+        padding never displaces keys still inside the window, and of a chunk longer than the ring only the last
+        ``capacity - ring_start`` real tokens of each row (earlier ones would be overwritten within the chunk).
         """
         n = k.shape[2]
-        slots = self.write_slots(n)
+        if self.ring_start < 0:
+            slots = self.write_slots(n)
+            added = jnp.full(self.fill.shape, n, jnp.int32)
+        else:
+            real = pos >= 0
+            rank = jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1
+            n_real = jnp.sum(real, axis=1, dtype=jnp.int32)
+            span = self.capacity - self.ring_start
+            keep = real & (rank >= n_real[:, None] - span)
+            t = self.fill[..., None] + rank[:, None, :]
+            slots = jnp.where(t < self.capacity, t, self.ring_start + (t - self.ring_start) % span)
+            slots = jnp.where(keep[:, None, :], slots, self.capacity)  # out of range: dropped by the scatter
+            added = jnp.broadcast_to(n_real[:, None], self.fill.shape)
         pos_h = jnp.broadcast_to(pos[:, None, :], slots.shape).astype(jnp.int32)
-        if self.ring_start >= 0 and n > self.capacity - self.ring_start:
-            keep = self.capacity - self.ring_start
-            drop = n - keep
-            slots, pos_h = slots[..., drop:], pos_h[..., drop:]
-            k, v = k[:, :, drop:], v[:, :, drop:]
         scatter = jax.vmap(jax.vmap(lambda buf, idx, new: buf.at[idx].set(new, mode="drop")))
         return self.replace(
             k=scatter(self.k, slots, k.astype(self.k.dtype)),
             v=scatter(self.v, slots, v.astype(self.v.dtype)),
             pos=scatter(self.pos, slots, pos_h),
-            fill=self.fill + n,
+            fill=self.fill + added,
         )
 
 

@@ -10,8 +10,10 @@ Kernels (each with a plain-jnp twin in :mod:`pallas_kernels.reference`):
   the softmax probabilities and, optionally, the last ``W`` queries' probabilities (two passes, no ``(Tq, C)``
   matrix in HBM).
 
-Every kernel takes ``interpret: bool | None = None`` (``None`` → interpret mode when the default backend is the CPU)
-and ``strategy`` (``"pipeline"``: TPU / interpret, ``"loop"``: GPU). :func:`attention_impl` picks a kernel or its
+Every kernel takes ``interpret: bool | None = None`` (``None`` → interpret mode when the default backend is the CPU;
+``pltpu.InterpretParams()`` runs the TPU interpreter), ``strategy`` (``"pipeline"``: TPU / interpret — KV blocks are
+a sequential grid axis with scalar-prefetched lengths; ``"loop"``: GPU / Triton — an in-kernel loop over a split) and
+``backend`` (lower for ``"tpu"`` / ``"gpu"`` from another host). :func:`attention_impl` picks a kernel or its
 reference by name.
 """
 from __future__ import annotations

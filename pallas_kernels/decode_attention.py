@@ -62,8 +62,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, q
       sm_scale: logit scale (default ``D ** -0.5``); window: sliding window (0 = global);
       logit_softcap: tanh soft-capping of the logits (0 = off).
       block_k: KV block size (default 512 on TPU, 128 on GPU / interpret); num_splits: KV splits (default: enough
-        programs to fill the device); interpret: ``None`` → interpret mode on CPU; strategy: ``"pipeline"`` (TPU,
-        interpret) or ``"loop"`` (GPU), see :mod:`pallas_kernels._common`.
+        programs to fill the device); interpret: ``None`` → interpret mode on CPU (``True``, or interpreter
+        parameters such as ``pltpu.InterpretParams()``); strategy: ``"pipeline"`` (TPU, interpret) or ``"loop"``
+        (GPU), see :mod:`pallas_kernels._common`; backend: ``"tpu"`` / ``"gpu"`` to lower for a platform other
+        than ``jax.default_backend()`` (e.g. ``jax.export`` on a CPU host). All keyword options are static (Python
+        values).
 
     Returns ``(B, Hq, Tq, Dv)`` in ``q.dtype``.
     """

@@ -210,7 +210,8 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, pos:
       k, v, pos: the dense cache layer (already holding the chunk's keys), as :func:`decode_attention`.
       lengths, sm_scale, window, logit_softcap: as :func:`decode_attention`.
       obs_window: ``W`` > 0 also returns the probabilities of the last ``W`` queries of the chunk (``W <= Tq``).
-      block_q / block_k: tile sizes (defaults 128 / backend default).
+      block_q / block_k: query tokens / KV slots per tile (defaults: 128 tokens (GPU: 128 // G) / 512 slots on
+        TPU, 128 on GPU and in interpret mode).
 
     Returns :class:`PrefillOutput` ``(out (B, Hq, Tq, Dv), colsum (B, Hq, C), obs_probs (B, Hq, W, C) | None)``.
     """
@@ -226,13 +227,16 @@ def prefill_attention_with_scores(q: jax.Array, k: jax.Array, v: jax.Array, pos:
     strat = cm.resolve_strategy(strategy, plat)
     cm.check_head_dims(plat, head_dim=d, v_head_dim=dv)
     bk = cm.choose_block_k(block_k, c, plat)
-    bq = 128 if block_q is None else int(block_q)
+    gp = cm.gpu_heads(g, plat)
+    if block_q is None:  # GPU: ~128 rows (G * block_q) per program to keep the score tile in registers
+        bq = max(1, 128 // gp) if plat == "gpu" else 128
+    else:
+        bq = int(block_q)
     if bq <= 0:
         raise ValueError(f"block_q must be positive, got {block_q}")
     bq = min(bq, tq)
     if plat == "tpu" and bq < tq:
         bq = cm.cdiv(bq, 8) * 8  # sublane tiling of the (block_q, 1) position / statistics blocks
-    gp = cm.gpu_heads(g, plat)
     if plat == "gpu":
         bq = max(cm.next_pow2(bq), cm.next_pow2(cm.cdiv(16, gp)))
     q5, qpos4 = _flash.prepare_queries(q, q_pos, hkv, bq, gp)

@@ -90,3 +90,23 @@ def test_greedy_generation_identical(loaded, rng):
                                  min_new_tokens=32, pad_token_id=0)[0, 8:].numpy()
     out = generate(model, params, jnp.asarray(prompt), max_new_tokens=32)
     np.testing.assert_array_equal(np.asarray(out.tokens[0]), want, err_msg=arch)
+
+
+def test_ring_layers_with_right_padding_then_decode(tmp_path_factory, rng):
+    """Padding must not take ring slots: right-padded prompt + decode equals the unpadded row (Mistral window 7)."""
+    from conftest import make_hf_model
+
+    _, path = make_hf_model("mistral", tmp_path_factory)
+    cfg, params = load_safetensors(path, progress=False)
+    model = kvjax.Model(cfg)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, 12)).astype(np.int32)
+    mask = np.ones((2, 12), bool)
+    mask[1, 9:] = False  # row 1: 9 real tokens then padding
+    state = model.init_state(2, 24)
+    assert state.layers[0].capacity == cfg.sliding_window  # a ring of the window
+    _, state = model.prefill(params, jnp.asarray(tokens), state, jnp.asarray(mask))
+    nxt = rng.integers(0, cfg.vocab_size, size=(2,)).astype(np.int32)
+    got, _ = model.decode_step(params, jnp.asarray(nxt), state)
+    alone = np.concatenate([tokens[1, :9], nxt[1:]])[None]
+    want, _ = model.prefill(params, jnp.asarray(alone), model.init_state(1, 24))
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[0, -1]), atol=1e-4)
