@@ -29,7 +29,7 @@ import hashlib
 import importlib
 import json
 import os
-from typing import Any
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +152,19 @@ def _skeleton(node, arrays: list):
     raise TypeError(f"cannot save a {type(node).__name__} in a KV state")
 
 
+def _check_classes(node) -> None:
+    """Resolves every class named in a saved skeleton before any data is read (only kvjax classes are allowed)."""
+    if isinstance(node, dict):
+        for key in ("cls", "__dataclass__"):
+            if key in node and isinstance(node[key], str):
+                _import_kvjax(node[key])
+        for v in node.values():
+            _check_classes(v)
+    elif isinstance(node, list):
+        for v in node:
+            _check_classes(v)
+
+
 def _rebuild(sk, arrays):
     t = sk["t"]
     if t == "none":
@@ -246,12 +259,18 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
             raise TypeError(f"meta must be JSON-serialisable: {e}") from e
     arrays: list = []
     skeleton = _skeleton(state, arrays)
+    if os.path.isdir(path) and os.listdir(path):
+        if not os.path.exists(os.path.join(path, META_FILE)):
+            raise StateFileError(f"{path!r} is a non-empty directory that holds no saved KV state; refusing to "
+                                 f"write into it")
+        read_meta(path)  # overwrite only a previous kvjax KV state
+        shutil.rmtree(os.path.join(path, "arrays"), ignore_errors=True)
     os.makedirs(os.path.join(path, "arrays"), exist_ok=True)
     infos, futures = [], []
     host = jax.device_get(arrays)
     for i, x in enumerate(host):
         x = np.asarray(x)
-        delta = bool(token_delta and x.ndim == 4 and x.shape[2] > 1 and np.issubdtype(x.dtype, np.floating))
+        delta = bool(token_delta and x.ndim == 4 and x.shape[2] > 1 and jnp.issubdtype(x.dtype, jnp.floating))
         data = _xor_delta(x, 2, inverse=False) if delta else x
         chunks = _chunks(x.shape, chunk_tokens, x.dtype.itemsize)
         store = ts.open(_spec(os.path.join(path, "arrays", str(i)), x.shape, _dtype_name(x.dtype), chunks,
@@ -276,11 +295,16 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
         "arrays": infos,
         "meta": meta or {},
     }
+    array_bytes = disk_bytes(os.path.join(path, "arrays"))
+    info["disk_bytes"] = 0
+    for _ in range(4):  # the total includes meta.json, whose length depends on the number written into it
+        text = json.dumps(info, indent=1)
+        total = array_bytes + len(text.encode())
+        if total == info["disk_bytes"]:
+            break
+        info["disk_bytes"] = total
     with open(os.path.join(path, META_FILE), "w") as f:
-        json.dump(info, f, indent=1)
-    info["disk_bytes"] = disk_bytes(path)
-    with open(os.path.join(path, META_FILE), "w") as f:  # record the size (meta.json itself changes by a few bytes)
-        json.dump(info, f, indent=1)
+        f.write(text)
     return info
 
 
@@ -346,6 +370,7 @@ def load_state(path: str, like=None, *, cfg=None):
         if fp != config_fingerprint(cfg):
             raise StateFileError(f"saved state at {path!r} was written by a different model config "
                                  f"({_config_diff(info.get('config'), cfg)})")
+    _check_classes(info.get("skeleton"))
     arrays = []
     for i, a in enumerate(info["arrays"]):
         try:

@@ -17,7 +17,7 @@ from test_compress_api import (B, CFG, CTX, FACTORIES, HKV, HQ, ROOM, T, W, deco
                                synthetic_state, tiny_params)
 
 import kvjax
-from kvjax.compress import Context, get_method
+from kvjax.compress import get_method
 from kvjax.compress.cake import cascade_budgets
 from kvjax.compress.d2o import merge_evicted
 from kvjax.compress.evict import proportional_budgets
@@ -162,7 +162,8 @@ def test_adakv_allocates_head_budgets_jointly():
         score, protect = np_snap(obs[i], state.layers[i], state.next_pos, W, 3, "maxpool")
         pos = np.asarray(state.layers[i].pos)
         for b in range(B):
-            cand = [(h, s) for h in range(HKV) for s in range(pos.shape[2]) if pos[b, h, s] >= 0 and not protect[b, h, s]]
+            cand = [(h, s) for h in range(HKV) for s in range(pos.shape[2])
+                    if pos[b, h, s] >= 0 and not protect[b, h, s]]
             safe = set()
             for h in range(HKV):
                 safe |= set(sorted((c for c in cand if c[0] == h), key=lambda c: -score[b, c[0], c[1]])[:floor])

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.compress.base import Context, register
-from kvjax.compress.evict import BIG, compaction_index, gather_layer, gather_obs, map_global_layers
+from kvjax.compress.evict import BIG, compact_with_obs, map_global_layers
 from kvjax.compress.snapkv import SnapKV
 
 
@@ -82,7 +82,6 @@ class AdaKV(SnapKV):
                 size = min(layer.capacity, self.window + layer.k.shape[1] * per_head)
             else:  # eager prefill: the largest head's count
                 size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))
-            idx, kept = compaction_index(keep, size)
-            return gather_layer(layer, idx, kept, ctx.decode_room), gather_obs(o, idx, kept, ctx.decode_room)
+            return compact_with_obs(layer, o, keep, size=size, room=ctx.decode_room)
 
         return map_global_layers(state, obs, one)

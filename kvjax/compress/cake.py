@@ -37,8 +37,8 @@ import numpy as np
 
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
-from kvjax.compress.evict import compact_layer, compaction_index, evict_capacity, gather_layer, gather_obs, \
-    group_to_kv_heads, lowest_mask, map_global_layers, pool1d, proportional_budgets, recent_mask
+from kvjax.compress.evict import compact_layer, compact_with_obs, evict_capacity, group_to_kv_heads, lowest_mask, \
+    map_global_layers, pool1d, proportional_budgets, recent_mask
 
 
 def window_stats(win: jnp.ndarray, prefix: jnp.ndarray, gamma: float, tau1: float, tau2: float):
@@ -141,8 +141,7 @@ class CAKE(Method):
                                                   n_keep + self.window), layer.fill.shape).astype(jnp.int32)
             room = evict_capacity(size, int(jnp.max(per_head)), ctx.decode_room) - size
             layer = layer.replace(extras={**layer.extras, "cake_budget": per_head})
-            idx, kept = compaction_index(keep, size)
-            return gather_layer(layer, idx, kept, room), gather_obs(o, idx, kept, room)
+            return compact_with_obs(layer, o, keep, size=size, room=room)
 
         return map_global_layers(state, obs, one)
 

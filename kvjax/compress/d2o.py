@@ -31,6 +31,7 @@ needs concrete statistics, so the prefill runs eagerly (``jittable = False``). S
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -40,12 +41,13 @@ import numpy as np
 
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
-from kvjax.compress.evict import compaction_index, evict_capacity, gather_layer, gather_obs, group_to_kv_heads, \
+from kvjax.compress.evict import compact_with_obs, compaction_index, evict_capacity, gather_layer, group_to_kv_heads, \
     lowest_mask, map_global_layers, proportional_budgets
 
 _scatter_add = jax.vmap(jax.vmap(lambda buf, idx, upd: buf.at[idx].add(upd)))
 
 
+@functools.partial(jax.jit, static_argnames=("beta", "max_evicted", "max_kept"))
 def merge_evicted(k, v, keep, evicted, tau, tau_set, beta: float, max_evicted: int, max_kept: int | None = None):
     """D2O's compensation: merges up to ``max_evicted`` evicted slots per head into their most similar kept slot.
 
@@ -186,10 +188,8 @@ class D2O(Method):
             size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))  # concrete: prefill runs eagerly
             n_evicted = max(1, int(jnp.max(jnp.sum(layer.valid & ~keep, axis=-1))))
             k, v, ex = self._evict(layer, score, keep, n_evicted, size)
-            layer = layer.replace(extras=ex)
             room = evict_capacity(size, int(b_l.max()), ctx.decode_room) - size
-            idx, kept = compaction_index(keep, size)
-            return gather_layer(layer, idx, kept, room, k=k, v=v), gather_obs(o, idx, kept, room)
+            return compact_with_obs(layer.replace(k=k, v=v, extras=ex), o, keep, size=size, room=room)
 
         return map_global_layers(state, obs, one)
 

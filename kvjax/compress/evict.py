@@ -5,6 +5,8 @@ invalid (``pos < 0``) are never kept; slots in ``force`` are always kept (sinks,
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -234,3 +236,11 @@ def proportional_budgets(weights, total: int, cap: int, floor: int = 0):
     for i in np.argsort(-frac, kind="stable")[:max(rest, 0)]:
         base[i] += 1
     return np.clip(base, floor, cap)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "room"))
+def compact_with_obs(layer: DenseKV, obs: dict, keep: jax.Array, size: int, room: int = 0):
+    """Jitted :func:`compact_layer` plus :func:`gather_obs`: for host-side methods (per-layer or per-head budgets found
+    from concrete statistics) that run their prefill eagerly, so that the gathers compile once per size."""
+    idx, kept = compaction_index(keep & layer.valid, size)
+    return gather_layer(layer, idx, kept, room), gather_obs(obs, idx, kept, room)

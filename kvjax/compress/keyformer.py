@@ -15,7 +15,8 @@ invariant). Deviations: the budget is a token count per layer and head (the refe
 the prompt's score sums the last ``prompt_window`` prompt queries only (the reference sums all prompt queries, which
 would need a ``(T, T)`` observation per layer; pass ``prompt_window >= prompt length`` for the exact reference
 behaviour); with GQA the scores of the query heads sharing a KV head are averaged; the noise is seeded by ``seed``,
-the layer and the position (reproducible runs; XLA's RBG generator, much cheaper to compile than threefry); acts on global layers only. Scores live in ``extras["kf_score"]``.
+the layer and the position (reproducible runs; XLA's RBG generator, much cheaper to compile than threefry); acts on
+global layers only. Scores live in ``extras["kf_score"]``.
 """
 from __future__ import annotations
 

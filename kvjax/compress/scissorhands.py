@@ -83,7 +83,7 @@ class Scissorhands(Method):
 
     # -- history bits ------------------------------------------------------------------------------------------------
     def _bits(self, qpos: jax.Array, below: jax.Array) -> jax.Array:
-        """Packs ``below`` ``(B, H, W, S)`` (step ``j`` at query position ``qpos`` ``(B, W)``) into ``(B, H, S, words)``.
+        """Packs ``below`` ``(B, H, W, S)`` (step ``j`` at query position ``qpos`` ``(B, W)``) as ``(B, H, S, words)``.
 
         Query positions are distinct and at most ``history`` apart, so their ring bits never collide.
         """

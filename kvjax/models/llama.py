@@ -60,11 +60,11 @@ def attention_block(cfg: ModelConfig, p: dict, h: jax.Array, layer, pos: jax.Arr
     ring = getattr(layer, "ring_start", -1) >= 0
     if ring and t > 1:
         # A chunk may overwrite ring slots its own early queries still need: attend over cache + chunk first.
-        if observe:
-            raise ValueError("observations are not available on ring-buffer (sliding-window) layers during prefill")
+        # No observations here: they would index keys the ring does not keep (compression methods leave
+        # sliding-window layers alone).
         pos_h = jnp.broadcast_to(pos[:, None, :], (b, cfg.num_kv_heads, t))
-        out, obs = attend(q, layer, pos, sm_scale=sm_scale, softcap=softcap, observe=observe, impl=impl,
-                          extra_kv=(k, v, pos_h))
+        out, _ = attend(q, layer, pos, sm_scale=sm_scale, softcap=softcap, impl=impl, extra_kv=(k, v, pos_h))
+        obs = {}
         layer = layer.append(k, v, pos)
     else:
         layer = layer.append(k, v, pos)

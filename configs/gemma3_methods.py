@@ -1,0 +1,30 @@
+"""Gemma 3 270M (hybrid local/global attention): full cache vs eviction and quantization on its global layers.
+
+python -m kvjax.launch --config=configs/gemma3_methods.py
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/gemma3-methods"
+    c.model = ml_collections.ConfigDict({"name": "gemma3-270m", "dtype": "float32"})
+    c.prompt_style = "plain"
+    c.max_new_tokens = 10
+    c.methods = ml_collections.ConfigDict({
+        "full": {},
+        "streaming_llm": {"n_sink": 4, "window": (252,)},
+        "snapkv": {"budget": (256,)},
+        "h2o": {"budget": (256,)},
+        "kivi": {"bits": (2,)},
+    })
+    c.tasks = ml_collections.ConfigDict({
+        "passkey": {"context_tokens": (2048,), "depths": (0.25, 0.75), "seeds": (0, 1),
+                    "kwargs": {"filler": "shakespeare"}},
+        "niah_single": {"context_tokens": (2048,), "depths": (0.25, 0.75), "seeds": (0,),
+                        "kwargs": {"filler": "wikipedia"}},
+    })
+    c.perplexity = ml_collections.ConfigDict({
+        "enabled": True, "corpus": "hamlet", "context_tokens": 1024, "eval_tokens": 256, "n_segments": 2,
+        "mode": "chunk"})
+    return c
