@@ -113,7 +113,7 @@ def test_streaming_llm_sinks_are_rerotated(tiny):
     n_sink, window = 2, 5
     prompt = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (B, T)), jnp.int32)
     m = get_method("streaming_llm", n_sink=n_sink, window=window)
-    state = m.prefill(*model_prefill(model, params, prompt, m.observe()), CTX)[0]
+    state = run_prefill(m, *model_prefill(model, params, prompt, m.observe()), CTX)
     p0 = params["layers"][0]
     h = rms_norm(params["embed"][prompt], p0["attn_norm"], CFG.rms_norm_eps)
     k_pre = (h @ p0["k"]).reshape(B, T, HKV, CFG.head_dim)[:, :n_sink]
@@ -125,7 +125,7 @@ def test_streaming_llm_sinks_are_rerotated(tiny):
         return np.asarray(apply_rope(k_pre, rope_pos, inv).transpose(0, 2, 1, 3))
 
     np.testing.assert_allclose(np.asarray(state.layers[0].k[:, :, :n_sink]), want(T), atol=1e-5)
-    _, state = model.decode_step(params, prompt[:, 0], state)
+    _, state = model.jit_decode_step(params, prompt[:, 0], state)
     state = m.decode(state, None, CTX)
     np.testing.assert_allclose(np.asarray(state.layers[0].k[:, :, :n_sink]), want(T + 1), atol=1e-5)
     assert np.asarray(state.layers[0].pos[0, 0, :n_sink]).tolist() == [0, 1]
@@ -589,9 +589,8 @@ def test_generate_end_to_end(tiny, name):
     assert ((np.asarray(out.tokens) >= 0) & (np.asarray(out.tokens) < CFG.vocab_size)).all()
     assert all(layer.capacity < T + ROOM for layer in out.state.layers)
     sizes = {}
-    for b in (small, large, T + ROOM):
+    for b in (small, large):
         method = FACTORIES[name](b)
         sizes[b] = nbytes(run_prefill(method, *model_prefill(model, params, prompt, method.observe()), CTX))
     full = nbytes(prefill_compressed(model, params, prompt, decode_room=ROOM)[1])
-    assert nbytes(out.state) <= sizes[small] < sizes[large] < sizes[T + ROOM], sizes
-    assert sizes[large] < full, (sizes, full)
+    assert nbytes(out.state) == sizes[small] < sizes[large] < full, (sizes, full)

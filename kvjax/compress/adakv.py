@@ -20,6 +20,7 @@ only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -43,6 +44,12 @@ def adaptive_keep(score: jax.Array, candidates: jax.Array, per_head: int, floor:
     top_i = jax.lax.top_k(sc.reshape(b, h * s), n)[1]  # joint selection over the heads of the row
     keep = jnp.zeros((b, h * s), bool).at[jnp.arange(b)[:, None], top_i].set(True).reshape(b, h, s)
     return keep & candidates
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _keep(method, layer, layer_obs, next_pos, per_head: int, floor: int):
+    score, protect = method.scores(layer, layer_obs, next_pos)
+    return (protect | adaptive_keep(score, layer.valid & ~protect, per_head, floor)) & layer.valid
 
 
 @register
@@ -75,9 +82,7 @@ class AdaKV(SnapKV):
         floor = int(per_head * self.floor_alpha)
 
         def one(i, layer, o):
-            score, protect = self.scores(layer, o, state.next_pos)
-            keep = protect | adaptive_keep(score, layer.valid & ~protect, per_head, floor)
-            keep = keep & layer.valid
+            keep = _keep(self, layer, o, state.next_pos, per_head, floor)
             if isinstance(keep, jax.core.Tracer):  # traced (e.g. inside a jitted chain): static worst case
                 size = min(layer.capacity, self.window + layer.k.shape[1] * per_head)
             else:  # eager prefill: the largest head's count

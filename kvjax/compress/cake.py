@@ -30,8 +30,10 @@ The allocation needs concrete statistics, so the prefill runs eagerly (``jittabl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -41,6 +43,7 @@ from kvjax.compress.evict import compact_layer, compact_with_obs, evict_capacity
     map_global_layers, pool1d, proportional_budgets, recent_mask
 
 
+@functools.partial(jax.jit, static_argnames=("gamma", "tau1", "tau2"))
 def window_stats(win: jnp.ndarray, prefix: jnp.ndarray, gamma: float, tau1: float, tau2: float):
     """Preference ``(B,)`` and raw eviction indicator ``(B, Hq, S)`` from window attention ``win`` ``(B, Hq, W, S)``
     and the prefix mask ``(B, Hq, S)`` (keys outside the observation window)."""
@@ -63,6 +66,20 @@ def cascade_budgets(prefs: np.ndarray, total: int, cap: int, cascade: bool = Tru
     for m in range(len(prefs) - 1):  # step m allocates the total among layers 0..m
         out[:m + 1] = np.minimum(out[:m + 1], proportional_budgets(prefs[:m + 1], total, cap))
     return out
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _layer_stats(method, layer, win, next_pos):
+    """Preference ``(B,)``, pooled eviction indicator ``(B, Hkv, S)`` and prefix mask of one layer."""
+    g = win.shape[1] // layer.k.shape[1]
+    prefix = layer.valid & ~recent_mask(layer, next_pos, method.window)
+    pref, raw = window_stats(win, jnp.repeat(prefix, g, axis=1), method.gamma, method.tau1, method.tau2)
+    return pref, method._score(raw, layer.k.shape[1]), prefix
+
+
+@jax.jit
+def _keep(layer, score, prefix, n_keep):
+    return (layer.valid & ~prefix) | lowest_mask(-score, prefix, n_keep)
 
 
 @register
@@ -120,11 +137,8 @@ class CAKE(Method):
         for i, layer in enumerate(state.layers):
             if layer.window:
                 continue
-            g = obs[i]["window"].shape[1] // layer.k.shape[1]
-            prefix = layer.valid & ~recent_mask(layer, state.next_pos, self.window)
-            pref, raw = window_stats(obs[i]["window"], jnp.repeat(prefix, g, axis=1), self.gamma, self.tau1,
-                                     self.tau2)
-            stats[i] = (np.asarray(pref, np.float64), self._score(raw, layer.k.shape[1]), prefix)
+            pref, score, prefix = _layer_stats(self, layer, obs[i]["window"], state.next_pos)
+            stats[i] = (np.asarray(pref, np.float64), score, prefix)
         if not stats:
             return state, obs
         order = sorted(stats)
@@ -135,8 +149,8 @@ class CAKE(Method):
         def one(i, layer, o):
             _, score, prefix = stats[i]
             n_keep = jnp.asarray(budgets[i], jnp.int32)[:, None]  # (B, 1)
-            keep = (layer.valid & ~prefix) | lowest_mask(-score, prefix, n_keep)
-            size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))
+            keep = _keep(layer, score, prefix, n_keep)
+            size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))  # concrete: the prefill runs eagerly
             per_head = jnp.broadcast_to(jnp.where(jnp.asarray(n_valid <= self.budget)[:, None], self.budget,
                                                   n_keep + self.window), layer.fill.shape).astype(jnp.int32)
             room = evict_capacity(size, int(jnp.max(per_head)), ctx.decode_room) - size

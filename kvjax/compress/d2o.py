@@ -86,6 +86,7 @@ def merge_evicted(k, v, keep, evicted, tau, tau_set, beta: float, max_evicted: i
     return k, v, tau, tau_set
 
 
+@jax.jit
 def density(colsum: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
     """Layer statistic ``(B,)``: per-head variance over valid keys of ``colsum`` ``(B, Hq, S)``, min-max normalized
     across heads, averaged over heads. ``valid`` ``(B, S)``."""
@@ -95,6 +96,18 @@ def density(colsum: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
     var = jnp.sum(jnp.where(valid[:, None, :], (colsum - mean[..., None]) ** 2, 0.0), axis=-1) / jnp.maximum(n - 1, 1)
     lo, hi = var.min(axis=1, keepdims=True), var.max(axis=1, keepdims=True)
     return ((var - lo) / (hi - lo + 1e-6)).mean(axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _select(method, layer, colsum, n_keep, b_l, next_pos):
+    """Prefill token selection of one layer: accumulated scores, recent windows ``(B, Hkv)`` and the keep mask."""
+    score = group_to_kv_heads(colsum, layer.k.shape[1], method.gqa_reduce)
+    recent = (b_l - jnp.round(b_l * method.heavy_ratio).astype(jnp.int32))[:, None]
+    recent = jnp.broadcast_to(recent, layer.fill.shape)
+    protect = method._protect(layer, next_pos, recent[..., None])
+    n_more = n_keep[:, None] - jnp.sum(protect, axis=-1)
+    keep = protect | lowest_mask(-score, layer.valid & ~protect, n_more)
+    return score, recent, keep & layer.valid
 
 
 @register
@@ -170,23 +183,17 @@ class D2O(Method):
         budgets = dict(zip(idx_g, self.layer_budgets(stats, n_valid)))
 
         def one(i, layer, o):
-            hkv = layer.k.shape[1]
-            score = group_to_kv_heads(o["colsum"], hkv, self.gqa_reduce)
             b_l = np.where(n_valid <= self.budget, self.budget, budgets[i])  # decode budget per row
-            heavy = np.round(b_l * self.heavy_ratio).astype(np.int64)
-            recent = jnp.broadcast_to(jnp.asarray(b_l - heavy, jnp.int32)[:, None], layer.fill.shape)
-            protect = self._protect(layer, state.next_pos, recent[..., None])
-            n_more = jnp.asarray(budgets[i], jnp.int32)[:, None] - jnp.sum(protect, axis=-1)
-            keep = protect | lowest_mask(-score, layer.valid & ~protect, n_more)
+            score, recent, keep = _select(self, layer, o["colsum"], jnp.asarray(budgets[i], jnp.int32),
+                                          jnp.asarray(b_l, jnp.int32), state.next_pos)
             layer = layer.replace(extras={
                 **layer.extras, "d2o_score": score,
                 "d2o_budget": jnp.broadcast_to(jnp.asarray(b_l, jnp.int32)[:, None], layer.fill.shape),
                 "d2o_recent": recent,
                 "d2o_tau": jnp.zeros(layer.fill.shape, jnp.float32),
                 "d2o_tau_set": jnp.zeros(layer.fill.shape, bool)})
-            keep = keep & layer.valid
-            size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))  # concrete: prefill runs eagerly
-            n_evicted = max(1, int(jnp.max(jnp.sum(layer.valid & ~keep, axis=-1))))
+            counts = np.asarray(jnp.stack([jnp.sum(keep, axis=-1), jnp.sum(layer.valid & ~keep, axis=-1)]))
+            size, n_evicted = max(1, int(counts[0].max())), max(1, int(counts[1].max()))  # concrete: runs eagerly
             k, v, ex = self._evict(layer, score, keep, n_evicted, size)
             room = evict_capacity(size, int(b_l.max()), ctx.decode_room) - size
             return compact_with_obs(layer.replace(k=k, v=v, extras=ex), o, keep, size=size, room=room)

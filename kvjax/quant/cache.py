@@ -367,7 +367,7 @@ class QuantizedKV:
         scale = d ** -0.5 if sm_scale is None else sm_scale
         qt = query_forward(q, self.spec, self.k_balance, self.k_perm, self.pos.shape[1])
         if impl == "pallas" and self._kernel_ok(t, observe):
-            from pallas_kernels import quantized_decode_attention  # noqa: PLC0415
+            from pallas_kernels.quantized_decode_attention import quantized_decode_attention  # noqa: PLC0415
 
             out = quantized_decode_attention(
                 qt.astype(self.dtype), self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale,
