@@ -146,10 +146,24 @@ def decode_loop(model, params, logits, state, key, max_new, sampling, stop_token
     """
     from kvjax.attention import Observe  # noqa: PLC0415
 
+    from kvjax.models import llama  # noqa: PLC0415
+    from kvjax.state import StackedLayers, stack_layers, stackable  # noqa: PLC0415
+
     b = logits.shape[0]
     stop = jnp.asarray(stop_tokens, jnp.int32) if stop_tokens else jnp.zeros((0,), jnp.int32)
     streaming = method is not None and method.has_decode()
     step_observe = method.decode_observe() if streaming else Observe()
+    # Homogeneous layers: carry the cache stacked and scan over layers in every step (no per-step re-stacking).
+    stacked = model.forward_impl is llama.forward and stackable(state.layers) and stackable(params["layers"])
+    if stacked:
+        params = {**params, "layers": stack_layers(params["layers"])}
+        state = state.replace(layers=stack_layers(state.layers))
+
+    def hook(s, o):
+        if not stacked:
+            return method.decode(s, o, ctx)
+        s = method.decode(s.replace(layers=s.layers.unstack()), o, ctx)
+        return s.replace(layers=stack_layers(s.layers))
 
     def body(carry):
         i, tok_logits, st, out, done, lengths, key = carry
@@ -162,7 +176,7 @@ def decode_loop(model, params, logits, state, key, max_new, sampling, stop_token
         lg, st, o = model.forward_impl(model.cfg, params, tok[:, None], st, None, observe=step_observe,
                                        impl=model.impl, logits="last")
         if streaming:
-            st = jax.lax.cond((i + 1) % method.every == 0, lambda s: method.decode(s, o, ctx), lambda s: s, st)
+            st = jax.lax.cond((i + 1) % method.every == 0, lambda s: hook(s, o), lambda s: s, st)
         return i + 1, lg, st, out, done, lengths, key
 
     def cond(carry):
@@ -172,6 +186,8 @@ def decode_loop(model, params, logits, state, key, max_new, sampling, stop_token
     out0 = jnp.zeros((b, max_new), jnp.int32)
     init = (jnp.int32(0), logits, state, out0, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), key)
     _, _, state, out, _, lengths, _ = jax.lax.while_loop(cond, body, init)
+    if stacked:
+        state = state.replace(layers=state.layers.unstack())
     # Rows that stopped early: fill the tail with their last token (the stop token).
     last = jnp.take_along_axis(out, jnp.maximum(lengths - 1, 0)[:, None], axis=1)
     out = jnp.where(jnp.arange(max_new)[None] < lengths[:, None], out, last)

@@ -130,6 +130,46 @@ class KVState:
         return self.replace(layers=tuple(layers))
 
 
+@struct.dataclass
+class StackedLayers:
+    """Identical per-layer pytrees stacked along a new leading axis (one cache or one params dict per layer).
+
+    Models run a ``lax.scan`` over such a stack instead of unrolling the layers, which makes compile time
+    independent of depth. :func:`stack_layers` / :meth:`unstack` convert from/to the tuple form the rest of kvjax uses;
+    the jitted decode loop keeps the cache stacked across steps.
+    """
+
+    tree: Any
+
+    def __len__(self) -> int:
+        return jax.tree_util.tree_leaves(self.tree)[0].shape[0]
+
+    def unstack(self) -> tuple:
+        return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], self.tree) for i in range(len(self)))
+
+
+def stackable(layers) -> bool:
+    """True when every element of ``layers`` has the same pytree structure, static fields, shapes and dtypes."""
+    if isinstance(layers, StackedLayers):
+        return True
+    if len(layers) < 2:
+        return False
+    first = jax.tree_util.tree_structure(layers[0])
+    sig = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(layers[0])]
+    for layer in layers[1:]:
+        if jax.tree_util.tree_structure(layer) != first:
+            return False
+        if [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(layer)] != sig:
+            return False
+    return True
+
+
+def stack_layers(layers) -> StackedLayers:
+    if isinstance(layers, StackedLayers):
+        return layers
+    return StackedLayers(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers))
+
+
 def init_dense_layer(batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype=jnp.float32, *,
                      v_head_dim: int | None = None, window: int = 0, ring_start: int = -1) -> DenseKV:
     """An empty :class:`DenseKV` of ``capacity`` slots."""

@@ -15,7 +15,7 @@ from kvjax.checkpoints.safetensors import load_safetensors
 from kvjax.compress import chain, get_method
 from kvjax.compress.base import Context
 from kvjax.compress.gear import GearKV, gear_dense_layer
-from kvjax.generate import generate, prefill_compressed
+from kvjax.generate import generate
 from kvjax.quant import packing
 from kvjax.quant import quantizers as qz
 from kvjax.quant.cache import QuantizedKV, QuantSpec, init_quantized_layer, quantize_dense_layer

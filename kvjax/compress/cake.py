@@ -10,17 +10,20 @@ Cache allocation as cake slicing: every layer states a *preference* from its obs
 and gets a prefix budget proportional to it, out of the total ``L (budget - window)`` (capped at the prompt). The
 allocation is *cascading*: when layer ``m`` is prefilled, the budgets of layers ``0..m`` are recomputed from their
 preferences so far (out of the same total), so memory never exceeds the total budget during prefill. As eviction
-within a layer keeps the top tokens of a fixed indicator and a layer's budget can only shrink from one cascade step to
-the next, kvjax computes the cascade's outcome in one pass: each layer keeps its smallest budget over the steps
-``m >= l`` (``cascade=False`` uses the final allocation directly; the two differ only where water-filling moved
-budgets up). Tokens are ranked by the eviction indicator ``mean_q(A) + gamma * var_q(A)`` (pooled, kernel 5), which
-favours tokens whose importance shifts between queries; the window is always kept. During decoding each layer evicts
+within a layer keeps the top tokens of a fixed indicator (so successive evictions are nested), kvjax computes the
+cascade's outcome in one pass after the whole prefill: each layer keeps its smallest budget over the steps ``m >= l``.
+With a fixed total a layer's share can only shrink as layers join, so this equals the final allocation up to rounding
+(``cascade=False`` uses the final allocation directly); kvjax does not reproduce the cascade's lower peak memory
+during prefill, since its prefill materializes all layers before the transform runs.
+
+Tokens are ranked by the eviction indicator ``mean_q(A) + gamma * var_q(A)`` (pooled, kernel 5), which favours tokens
+whose importance shifts between queries; the window is always kept. During decoding each layer evicts
 the lowest-scoring non-window token whenever it exceeds its budget, scoring with the new token's pooled attention, as
 the authors' decoding cache does.
 
-Defaults follow the authors' code (antgroup/cakekv ``pred_cake.py``): window 32, ``gamma = 200``, ``tau1 = tau2 = 1``
-(their tuned per-model values are in ``model2tau.json``), kernel 5 average pooling, variances unbiased as
-``torch.var``, a budget of 1024 tokens per layer. Deviations: budgets are rounded by water-filling and largest
+Defaults follow the authors' code (cakekv, ``experiments/LongBench/pred_cake.py``): window 32, ``gamma = 200``,
+``tau1 = tau2 = 1`` (their tuned per-model values are in ``model2tau.json``), kernel 5 average pooling, variances
+unbiased as ``torch.var``, a budget of 1024 tokens per layer. Deviations: budgets are rounded by water-filling and largest
 remainder (the reference truncates, then spreads the excess of clipped layers evenly); a prompt no longer than the
 budget is kept whole (the reference waits for ``budget + window``); each batch row gets its own allocation (the
 reference runs batch 1); with GQA, indicators are averaged over the query heads of a KV head; global layers only.

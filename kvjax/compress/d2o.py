@@ -23,9 +23,8 @@ uncompressed, kvjax compresses every global layer right after prefill; merge wei
 exponential weights (the reference scales by similarity and takes a running mean); the threshold is kept per KV head
 (the reference keeps one per layer and tests the head-averaged similarity); budgets are rounded by water-filling (sum
 exactly ``L * budget``, at most the prompt, at least 1% of it as the reference's clamp and enough for the sinks) per
-batch row; at most one
-evicted token per decoding step is merged (the cache exceeds its budget by one token per step). The layer allocation
-needs concrete statistics, so the prefill runs eagerly (``jittable = False``). State: ``extras["d2o_score"]``,
+batch row; at most one evicted token per decoding step is merged (the cache exceeds its budget by one token per
+step). The layer allocation needs concrete statistics, so the prefill runs eagerly (``jittable = False``). State: ``extras["d2o_score"]``,
 ``["d2o_budget"]``, ``["d2o_recent"]``, ``["d2o_tau"]``, ``["d2o_tau_set"]``.
 """
 from __future__ import annotations

@@ -83,7 +83,8 @@ def _compress_blocks(x: Array, valid: Array, sp: GearSpec, which: str) -> tuple:
     vtok = jnp.broadcast_to(valid[..., None], x.shape)
     if sp.k_each:
         idx, val = qz.topk_outliers(x, valid, sp.k_each)
-        flat_mask = jax.vmap(lambda i: jnp.zeros((el * d,), bool).at[i].set(True))(idx.reshape(-1, idx.shape[-1]))
+        flat_mask = jax.vmap(lambda i: jnp.zeros((el * d,), bool).at[i].set(True))(
+            idx.reshape(b * h * m, idx.shape[-1]))
         outl = flat_mask.reshape(b, h, m, el, d)
     else:
         idx = jnp.zeros((b, h, m, 0), jnp.int32)
@@ -117,8 +118,8 @@ def _reconstruct(part: GearPart, sp: GearSpec, which: str) -> Array:
         x = x + (a @ part.lr_b.astype(jnp.float32)).reshape(b, h, c, d)
     if sp.k_each and nb:
         flat = x.reshape(b * h * nb, sp.block * d)
-        idx = part.sp_idx.astype(jnp.int32).reshape(b * h * nb, -1)
-        val = part.sp_val.astype(jnp.float32).reshape(b * h * nb, -1)
+        idx = part.sp_idx.astype(jnp.int32).reshape(b * h * nb, 2 * sp.k_each)
+        val = part.sp_val.astype(jnp.float32).reshape(b * h * nb, 2 * sp.k_each)
         x = jax.vmap(lambda f, i, v: f.at[i].set(v))(flat, idx, val).reshape(b, h, c, d)
     return x
 
@@ -213,8 +214,8 @@ class GearKV:
         def flush(parts):
             kp, vp, p = parts
             valid = (blk_p >= 0).reshape(b, h, nblk, el)
-            ka = _compress_blocks(blk_k.reshape(b, h, nblk, el, -1), valid, self.spec, "k")
-            va = _compress_blocks(blk_v.reshape(b, h, nblk, el, -1), valid, self.spec, "v")
+            ka = _compress_blocks(blk_k.reshape(b, h, nblk, el, blk_k.shape[-1]), valid, self.spec, "k")
+            va = _compress_blocks(blk_v.reshape(b, h, nblk, el, blk_v.shape[-1]), valid, self.spec, "v")
             kp = _write_part(kp, ka, slots, complete, self.spec, "k")
             vp = _write_part(vp, va, slots, complete, self.spec, "v")
             p = scatter_slots(p, jnp.where(complete, slots, p.shape[2]), blk_p)
@@ -240,7 +241,7 @@ def gear_dense_layer(layer, sp: GearSpec, room: int = 0) -> tuple[GearKV, Array,
     ps = jnp.where(in_q, layer.pos[..., :length], -1)
     valid = (ps >= 0).reshape(b, h, length // el, el)
     ka = _compress_blocks(layer.k[:, :, :length].reshape(b, h, length // el, el, d), valid, sp, "k")
-    va = _compress_blocks(layer.v[:, :, :length].reshape(b, h, length // el, el, -1), valid, sp, "v")
+    va = _compress_blocks(layer.v[:, :, :length].reshape(b, h, length // el, el, layer.v.shape[-1]), valid, sp, "v")
     extra = cq - length
     kp, vp = _part_from(_pad_part(ka, extra, sp, "k")), _part_from(_pad_part(va, extra, sp, "v"))
     ridx = q0[..., None] + jnp.arange(el, dtype=jnp.int32)

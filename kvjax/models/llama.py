@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from kvjax.attention import Observe, attend
 from kvjax.config import ModelConfig
 from kvjax.rope import apply_rope, dynamic_inv_frequencies, inv_frequencies
-from kvjax.state import KVState
+from kvjax.state import KVState, StackedLayers, stack_layers, stackable
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -86,19 +86,48 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, t
     rope_pos = jnp.where(token_mask, pos - state.rope_shift[:, None], 0)
     inv_freq = rope_frequencies(cfg, jnp.where(token_mask, rope_pos, 0))
     x = params["embed"][tokens]
-    new_layers, all_obs = [], []
-    for i, p in enumerate(params["layers"]):
+
+    def layer_fn(x, p, layer):
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-        a, layer, obs = attention_block(cfg, p, h, state.layers[i], pos, rope_pos, inv_freq, observe=observe,
-                                        impl=impl)
+        a, layer, obs = attention_block(cfg, p, h, layer, pos, rope_pos, inv_freq, observe=observe, impl=impl)
         x = x + a
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         x = x + (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
+        return x, layer, obs
+
+    x, layers, all_obs = run_layers(layer_fn, x, params["layers"], state.layers)
+    new_state = state.replace(layers=layers,
+                              next_pos=state.next_pos + jnp.sum(token_mask, axis=1, dtype=jnp.int32))
+    return lm_logits(cfg, params, x, token_mask, logits), new_state, all_obs
+
+
+def run_layers(layer_fn, x, param_layers, cache_layers):
+    """Applies ``layer_fn(x, p, cache) -> (x, cache, obs)`` over the layers.
+
+    When params and caches are homogeneous across layers (or already :class:`StackedLayers`), one ``lax.scan``
+    runs them (compile time independent of depth); otherwise the layers are unrolled. A stacked cache stays stacked
+    (the decode loop carries it so); a tuple comes back as a tuple.
+    """
+    if isinstance(cache_layers, StackedLayers) or (stackable(cache_layers) and stackable(param_layers)):
+        sp = stack_layers(param_layers).tree
+        sc = stack_layers(cache_layers).tree
+
+        def body(h, inp):
+            p, c = inp
+            h, c, o = layer_fn(h, p, c)
+            return h, (c, o)
+
+        x, (sc, obs) = jax.lax.scan(body, x, (sp, sc))
+        n = len(StackedLayers(sc))
+        obs = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], obs) for i in range(n))
+        layers = StackedLayers(sc) if isinstance(cache_layers, StackedLayers) else StackedLayers(sc).unstack()
+        return x, layers, obs
+    new_layers, all_obs = [], []
+    for p, layer in zip(param_layers, cache_layers):
+        x, layer, obs = layer_fn(x, p, layer)
         new_layers.append(layer)
         all_obs.append(obs)
-    new_state = state.replace(layers=tuple(new_layers),
-                              next_pos=state.next_pos + jnp.sum(token_mask, axis=1, dtype=jnp.int32))
-    return lm_logits(cfg, params, x, token_mask, logits), new_state, tuple(all_obs)
+    return x, tuple(new_layers), tuple(all_obs)
 
 
 def lm_logits(cfg: ModelConfig, params: dict, x: jax.Array, token_mask: jax.Array, which: str,

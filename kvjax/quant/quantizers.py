@@ -149,7 +149,7 @@ def topk_outliers(x: Array, valid: Array, k_each: int) -> tuple[Array, Array]:
     Returns flat indices ``(..., 2 * k_each)`` into ``L * D`` (int32) and their values (float32). When a matrix has
     fewer valid entries, some returned indices point at invalid entries (their value is the entry itself, harmless).
     """
-    flat = x.astype(jnp.float32).reshape(*x.shape[:-2], -1)
+    flat = x.astype(jnp.float32).reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
     ok = jnp.broadcast_to(valid if valid.ndim == x.ndim else valid[..., None], x.shape).reshape(flat.shape)
     inf = jnp.float32(jnp.inf)
     _, top = jax.lax.top_k(jnp.where(ok, flat, -inf), k_each)
