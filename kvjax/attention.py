@@ -123,7 +123,7 @@ def attend(q: jax.Array, layer, q_pos: jax.Array, *, sm_scale: float | None = No
         v = jnp.concatenate([v, ev.astype(v.dtype)], axis=2)
         k_pos = jnp.concatenate([k_pos, ep], axis=2)
     if impl == "pallas" and not observe and q.shape[2] <= 16:
-        from pallas_kernels import decode_attention  # noqa: PLC0415 (optional dependency on the kernels)
+        from pallas_kernels.decode_attention import decode_attention  # noqa: PLC0415
 
         out = decode_attention(q, k, v, k_pos, q_pos, sm_scale=sm_scale, window=layer.window, logit_softcap=softcap)
         return out, {}

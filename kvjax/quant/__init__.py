@@ -1,0 +1,1 @@
+"""Quantized KV storage: bit packing, quantizers, and the QuantizedKV layer cache."""
