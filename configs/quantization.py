@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
         "gear": {"bits": (2, 4)},
         "mikv": {},
         "rotatekv": {},
-        "snapkv_kivi2": {"name": "chain", "chain": ("snapkv", "kivi"), "snapkv.budget": 256, "kivi.bits": 2},
+        "snapkv_kivi2": {"name": "chain", "chain": ("snapkv", "kivi"), "snapkv": {"budget": 256}, "kivi": {"bits": 2}},
     })
     c.tasks = ml_collections.ConfigDict({
         "niah_single": {"context_tokens": (1024,), "depths": (0.25, 0.75), "seeds": (0, 1),

@@ -67,13 +67,14 @@ def expand_methods(methods_cfg: dict[str, dict]) -> list[Variant]:
 
     A list/tuple value is a sweep; an entry may name its method with ``name`` (so one method can appear with several
     fixed settings under different keys); ``chain`` lists methods applied in order, e.g.
-    ``{"name": "chain", "chain": ["snapkv", "kivi"], "snapkv.budget": [256], "kivi.bits": 2}``.
+    ``{"name": "chain", "chain": ("snapkv", "kivi"), "snapkv": {"budget": 256}, "kivi": {"bits": 2}}``.
     """
     variants = []
     for key, raw in methods_cfg.items():
         raw = dict(raw or {})
         name = raw.pop("name", key)
         sweep_keys = [k for k, v in raw.items() if isinstance(v, (list, tuple)) and k != "chain"]
+        raw = {k: (dict(v) if hasattr(v, "items") else v) for k, v in raw.items()}
         points: list[dict] = [{}]
         for k in sweep_keys:
             points = [{**p, k: v} for p in points for v in raw[k]]
@@ -91,6 +92,8 @@ def expand_methods(methods_cfg: dict[str, dict]) -> list[Variant]:
 
 
 def _hashable(v):
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
     return tuple(v) if isinstance(v, list) else v
 
 
@@ -99,16 +102,15 @@ def _build(name: str, hp: dict) -> Method:
         return get_method(name, **hp)
     from kvjax.compress.base import chain
 
+    hp = dict(hp)
     parts = hp.pop("chain", None)
     if not parts:
-        raise ValueError("a chain entry needs chain=[method names]")
-    per: dict[str, dict] = {p: {} for p in parts}
-    for k, v in hp.items():
-        if "." not in k or k.split(".", 1)[0] not in per:
-            raise ValueError(f"chain hyper-parameter {k!r} must be '<method>.<param>' with <method> in {parts}")
-        m, p = k.split(".", 1)
-        per[m][p] = v
-    return chain(*(get_method(p, **per[p]) for p in parts))
+        raise ValueError("a chain entry needs chain=(method names, in order)")
+    unknown = sorted(set(hp) - set(parts))
+    if unknown:
+        raise ValueError(f"chain entry keys {unknown} are not methods of the chain {tuple(parts)}; give each "
+                         "method's hyper-parameters as a dict under its name")
+    return chain(*(get_method(p, **dict(hp.get(p) or {})) for p in parts))
 
 
 def method_budget(method: Method) -> int | None:
