@@ -11,7 +11,8 @@ registered by name with :func:`register`. It can act at three moments:
 * ``chunk(state, obs, ctx) -> (state, obs)``: between the chunks of a chunked prefill (bounded peak memory: Locret,
   EpiCache). Defaults to ``prefill``.
 * ``decode(state, obs, ctx) -> state``: inside the jitted decode loop after every ``every`` steps (streaming eviction:
-  StreamingLLM, H2O, Scissorhands). Must keep shapes static.
+  StreamingLLM, H2O, Scissorhands). Must keep shapes static. ``obs`` are the observations of the step the hook runs
+  on only, so a method that accumulates per-step attention must use ``every = 1`` (all kvjax methods do).
 
 What a method needs from the model is declared by ``observe()`` (for prefill) and ``decode_observe()`` (per decode
 step), so the model computes only those statistics. ``kind`` says what the method leaves: ``"dense"`` caches (eviction,
@@ -116,6 +117,10 @@ class Chain(Method):
     @property
     def every(self) -> int:  # type: ignore[override]
         return next((m.every for m in self.methods if m.has_decode()), 1)
+
+    @property
+    def jittable(self) -> bool:
+        return all(getattr(m, "jittable", True) for m in self.methods)
 
     def observe(self) -> Observe:
         return merge_observe(*(m.observe() for m in self.methods))

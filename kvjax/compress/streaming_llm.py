@@ -60,7 +60,9 @@ class StreamingLLM(Method):
         is_sink = (spos >= 0) & (spos < s)
         delta = jnp.maximum(0, next_pos - s - self.window + 1)
         rotated = rerotate_keys(layer.extras["sink_k_pre"], spos + delta[:, None, None], inv_freq)
-        k = layer.k.at[:, :, :s].set(jnp.where(is_sink[..., None], rotated, layer.k[:, :, :s]))
+        # Until the window is full no shift is needed: keep the original keys (bit-exact with the full cache).
+        move = is_sink & (delta > 0)[:, None, None]
+        k = layer.k.at[:, :, :s].set(jnp.where(move[..., None], rotated, layer.k[:, :, :s]))
         return layer.replace(k=k)
 
     def prefill(self, state, obs, ctx: Context):
