@@ -32,8 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.tasks = ml_collections.ConfigDict({
         "niah_single": {"context_tokens": (1024,), "depths": (0.25, 0.75), "seeds": (0, 1),
                         "kwargs": {"filler": "shakespeare"}},
-        "passkey": {"context_tokens": (1024,), "depths": (0.25, 0.75), "seeds": (0,),
-                    "kwargs": {"filler": "shakespeare"}},
     })
     c.perplexity = ml_collections.ConfigDict({
         "enabled": True, "corpus": "shakespeare", "context_tokens": 768, "eval_tokens": 256, "n_segments": 2,
