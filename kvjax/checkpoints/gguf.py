@@ -567,18 +567,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _unflatten(flat: dict[str, Any], num_layers: int) -> dict:
-    params: dict = {"layers": [dict() for _ in range(num_layers)]}
-    for k, v in flat.items():
-        if k.startswith("layers."):
-            _, i, name = k.split(".", 2)
-            params["layers"][int(i)][name] = v
-        else:
-            params[k] = v
-    params["layers"] = tuple(params["layers"])
-    return params
-
-
 def gguf_config(path: str | os.PathLike) -> ModelConfig:
     """The :class:`ModelConfig` of a GGUF file, from its metadata only (no tensor is dequantized)."""
     path = os.fspath(path)
@@ -644,4 +632,6 @@ def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bo
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:5])}")
-    return cfg, _unflatten(flat, cfg.num_layers)
+    from kvjax.checkpoints.safetensors import unflatten  # the one params layout of both loaders
+
+    return cfg, unflatten(flat, cfg.num_layers)
