@@ -14,18 +14,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_new_tokens = 10
     c.methods = ml_collections.ConfigDict({
         "full": {},
-        "streaming_llm": {"n_sink": 4, "window": (252,)},
-        "snapkv": {"budget": (256,)},
-        "h2o": {"budget": (256,)},
+        "streaming_llm": {"n_sink": 4, "window": (124,)},
+        "snapkv": {"budget": (128,)},
+        "h2o": {"budget": (128,)},
         "kivi": {"bits": (2,)},
     })
     c.tasks = ml_collections.ConfigDict({
-        "passkey": {"context_tokens": (2048,), "depths": (0.25, 0.75), "seeds": (0, 1),
+        "passkey": {"context_tokens": (1024,), "depths": (0.5,), "seeds": (0, 1),
                     "kwargs": {"filler": "shakespeare"}},
-        "niah_single": {"context_tokens": (2048,), "depths": (0.25, 0.75), "seeds": (0,),
+        "niah_single": {"context_tokens": (1024,), "depths": (0.5,), "seeds": (0,),
                         "kwargs": {"filler": "wikipedia"}},
     })
     c.perplexity = ml_collections.ConfigDict({
-        "enabled": True, "corpus": "hamlet", "context_tokens": 1024, "eval_tokens": 256, "n_segments": 2,
+        "enabled": True, "corpus": "hamlet", "context_tokens": 768, "eval_tokens": 256, "n_segments": 2,
         "mode": "chunk"})
     return c
