@@ -86,3 +86,13 @@ def test_cli_bad_key_and_bad_method_exit_nonzero(tmp_path):
     r = subprocess.run(base + ["--config.methods.snapkv.window=0"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 2 and "window must be > 0" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_report_renders_markdown(finished_run):
+    from kvjax.eval.report import main, markdown_table
+
+    run_dir, summary = finished_run
+    table = markdown_table(summary)
+    assert table.count("\n") == len(summary) + 1 and "| perplexity |" in table and "snapkv[budget=48]" in table
+    assert main([str(run_dir)]) == 0
+    assert main([str(run_dir / "missing")]) == 2
