@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
+# No model hub is reachable: make any accidental hub access fail fast instead of hanging.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 JAX_PLATFORMS=cpu
 set +e
 .venv/bin/python -m pytest -m "not slow" -q -n 2 --durations=15 "$@"
 rc=$?
