@@ -165,8 +165,15 @@ def prepare_examples(lm, examples: list[Example], style: str, answer_len: int = 
     return out
 
 
-def answer_logprob(model, params, state, last_logits, answer_ids, answer_mask) -> float:
-    """Teacher-forced log p(answer | compressed context), summed over the answer's tokens."""
+def answer_logprob(model, params, state, last_logits, answer_ids, answer_mask, method=None, ctx=None) -> float:
+    """Teacher-forced log p(answer | compressed context), summed over the answer's tokens.
+
+    With a decode-time method (``method.has_decode()``) the answer goes through the cache token by token with the
+    method's decode phase, as generation would; otherwise in one chunk.
+    """
+    if method is not None and method.has_decode():
+        nll, _, _ = _stream_nll(model, method, ctx, params, state, jnp.asarray(answer_ids[None]), last_logits)
+        return float(-np.asarray(nll[0])[: int(answer_mask.sum())].sum())
     first = np.asarray(jax.nn.log_softmax(last_logits[0]))[answer_ids[0]]
     if answer_mask.sum() <= 1:
         return float(first)
@@ -213,10 +220,10 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
     room = full_state.layers[0].capacity - len(prep.tokens)
     state, compress_s = compress_variant(lm, variant, full_state, obs, room, len(prep.tokens))
     bytes_prefill = nbytes(state)
-    logp = answer_logprob(model, params, state, logits, prep.answer_ids, prep.answer_mask)
     method = None if variant.is_full else variant.method
     streaming = method if (method is not None and method.has_decode()) else None
     ctx = Context(cfg=model.cfg, decode_room=room, prompt_len=len(prep.tokens)) if streaming else None
+    logp = answer_logprob(model, params, state, logits, prep.answer_ids, prep.answer_mask, streaming, ctx)
     t2 = time.perf_counter()
     out, lengths, state = decode_loop(model, params, logits, state, jax.random.PRNGKey(0), max_new_tokens,
                                       SamplingConfig(), tuple(lm.stop_tokens()), streaming, ctx)
@@ -274,8 +281,8 @@ def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_toke
                         reference: dict | None, prefilled) -> tuple[dict, dict]:
     """Perplexity of ``segments[:, context_tokens:]`` after compressing the first ``context_tokens`` tokens.
 
-    ``mode="chunk"``: the continuation is scored in one teacher-forced chunk over the compressed cache (fast; the
-    method's decode phase does not run inside the chunk). ``mode="stream"``: token by token through the cache with
+    ``mode="chunk"``: the continuation is scored in one teacher-forced chunk over the compressed cache (fast); methods
+    with a decode phase are always scored token by token (their cache only holds about the budget). ``mode="stream"``: token by token through the cache with
     the method's decode phase every ``every`` steps (how StreamingLLM measures perplexity).
     ``prefilled`` = :func:`shared_prefill` of the contexts. Returns the result row and the logits/perplexity that
     serve as the full-cache reference.
@@ -289,6 +296,8 @@ def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_toke
     method = None if variant.is_full else variant.method
     bytes_prefill = nbytes(state)
     t1 = time.perf_counter()
+    if mode == "chunk" and method is not None and method.has_decode():
+        mode = "stream"  # a decode-time method must see the continuation token by token (its cache holds ~budget)
     if mode == "chunk":
         rest, state, _ = model.jit_forward(params, cont, state, logits="all")
         nll, logits = _chunk_nll(last, rest, cont)
