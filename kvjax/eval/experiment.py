@@ -92,7 +92,8 @@ def build_groups(lm, tasks: dict, style: str, default_max_new: int) -> list[Task
 
 
 def ppl_segments(lm, ppl: dict) -> np.ndarray:
-    """``n_segments`` windows of real text (context + eval tokens) at evenly spread offsets of the corpus."""
+    """``n_segments`` windows of real text (context + eval tokens) at evenly spread offsets of the corpus; for models
+    that expect a BOS token (Gemma) the first token of each window is replaced by BOS."""
     from kvjax.data.corpora import load_text
 
     ids = np.asarray(lm.tokenizer.encode(load_text(ppl["corpus"])), np.int32)
@@ -101,7 +102,11 @@ def ppl_segments(lm, ppl: dict) -> np.ndarray:
     if len(ids) < need * n:
         raise ConfigError(f"corpus {ppl['corpus']!r} has {len(ids)} tokens, fewer than {n} x {need}")
     starts = np.linspace(0, len(ids) - need, n).astype(int)
-    return np.stack([ids[s:s + need] for s in starts])
+    segs = np.stack([ids[s:s + need] for s in starts])
+    tok = lm.tokenizer
+    if tok.add_bos_token and tok.bos_id is not None:  # models trained with BOS (Gemma) see each segment after it
+        segs[:, 0] = tok.bos_id
+    return segs
 
 
 def run_experiment(config, *, progress: bool = True) -> list[dict]:
