@@ -15,9 +15,8 @@ import dataclasses
 from typing import ClassVar
 
 from kvjax.compress.base import Context, Method, register
-from kvjax.compress.evict import map_global_layers
-from kvjax.compress.kivi import convert_obs, room_for
-from kvjax.quant.cache import QuantSpec, quantize_dense_layer
+from kvjax.compress.kivi import quantize_state
+from kvjax.quant.cache import QuantSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +41,7 @@ class _IntQuant(Method):
         self.spec().resolve(ctx.cfg.head_dim, ctx.cfg.head_dim)
 
     def prefill(self, state, obs, ctx: Context):
-        spec = self.spec()
-
-        def one(i, layer, o):
-            cache, src, ok = quantize_dense_layer(layer, spec, room=room_for(layer, ctx))
-            return cache, convert_obs(o, src, ok)
-
-        return map_global_layers(state, obs, one)
+        return quantize_state(self.spec(), state, obs, ctx)
 
 
 @register

@@ -28,6 +28,16 @@ from kvjax.quant import quantizers as qz
 from kvjax.quant.cache import QuantSpec, quantize_dense_layer
 
 
+def quantize_state(spec, state, obs, ctx: Context):
+    """Converts every global layer of ``state`` to a :class:`QuantizedKV` of ``spec`` (observations follow)."""
+
+    def one(i, layer, o):
+        cache, src, ok = quantize_dense_layer(layer, spec, room=room_for(layer, ctx))
+        return cache, convert_obs(o, src, ok)
+
+    return map_global_layers(state, obs, one)
+
+
 def room_for(layer, ctx: Context) -> int:
     """Decode room a quantizer adds: ``ctx.decode_room`` on a freshly prefilled layer (capacity = prompt length),
     none after an evictor (which already padded its output with the room)."""
@@ -75,10 +85,4 @@ class KIVI(Method):
         self.spec().resolve(d, d)
 
     def prefill(self, state, obs, ctx: Context):
-        spec = self.spec()
-
-        def one(i, layer, o):
-            cache, src, ok = quantize_dense_layer(layer, spec, room=room_for(layer, ctx))
-            return cache, convert_obs(o, src, ok)
-
-        return map_global_layers(state, obs, one)
+        return quantize_state(self.spec(), state, obs, ctx)
