@@ -211,7 +211,7 @@ def _key(unit, v) -> str:
 
 def _room(unit, ppl) -> int:
     kind, g, p = unit
-    return int(ppl["eval_tokens"]) if kind == "ppl" else max(g.max_new_tokens, len(p.answer_ids))
+    return int(ppl["eval_tokens"]) if kind == "ppl" else harness.generation_room(p, g.max_new_tokens)
 
 
 def _prefill(lm, unit, variants, ppl, segments):

@@ -185,6 +185,11 @@ def answer_logprob(model, params, state, last_logits, answer_ids, answer_mask, m
     return float(first + rest[:n].sum())
 
 
+def generation_room(prep: Prepared, max_new_tokens: int) -> int:
+    """Free slots a generation cell needs after the prompt: the decoded tokens and the teacher-forced answer."""
+    return max(max_new_tokens, len(prep.answer_ids))
+
+
 def shared_prefill(lm, tokens: jax.Array, mask: jax.Array | None, variants: list[Variant], room: int):
     """Prefills a prompt once, into a full cache with ``room`` free slots, with the union of the observations the
     ``variants`` need; every variant is then compressed from this one state. Returns ``(logits, state, obs, seconds)``.
@@ -217,7 +222,7 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
     """
     model, params = lm.model, lm.params
     logits, full_state, obs, prefill_s = prefilled
-    room = full_state.layers[0].capacity - len(prep.tokens)
+    room = generation_room(prep, max_new_tokens)
     state, compress_s = compress_variant(lm, variant, full_state, obs, room, len(prep.tokens))
     bytes_prefill = nbytes(state)
     method = None if variant.is_full else variant.method
