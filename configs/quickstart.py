@@ -1,8 +1,8 @@
 """Quickstart: the embedded SmolLM2-135M, the full cache vs one method of each family at two settings.
 
 Passkey and single-needle retrieval at ~1K tokens (Shakespeare filler) and perplexity on Shakespeare, with quality,
-KV bytes, compression ratio and decode speed against the full cache of the same run. Sized for about 10 minutes on
-2 CPU cores (see the README for the measured time). Every registered method is compared in configs/eviction.py and
+KV bytes, compression ratio and decode speed against the full cache of the same run. Measured: 13 minutes on a
+shared 2-core CPU with a warm XLA compilation cache; a cold first run takes longer (see the README). Every registered method is compared in configs/eviction.py and
 configs/quantization.py.
 
 Run: ``python -m kvjax.launch --config=configs/quickstart.py``
