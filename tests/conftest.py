@@ -50,3 +50,16 @@ def hf_tiny(request, tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def tiny_llama_with_prompt(tmp_path_factory, length: int, batch: int = 2):
+    """(kvjax model, params, random prompt (batch, length)) from the tiny random Llama checkpoint."""
+    import jax.numpy as jnp
+
+    import kvjax
+    from kvjax.checkpoints.safetensors import load_safetensors
+
+    _, path = make_hf_model("llama", tmp_path_factory)
+    cfg, params = load_safetensors(path, progress=False)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length)), jnp.int32)
+    return kvjax.Model(cfg), params, prompt

@@ -12,23 +12,18 @@ import pytest
 
 import kvjax
 from kvjax import persist
-from kvjax.checkpoints.safetensors import load_safetensors
 from kvjax.compress import chain, get_method
 from kvjax.compress.base import Context
 from kvjax.generate import generate, prefill_compressed
 
-from conftest import make_hf_model
+from conftest import tiny_llama_with_prompt
 
 T = 40
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    _, path = make_hf_model("llama", tmp_path_factory)
-    cfg, params = load_safetensors(path, progress=False)
-    model = kvjax.Model(cfg)
-    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, T)), jnp.int32)
-    return model, params, prompt
+    return tiny_llama_with_prompt(tmp_path_factory, T)
 
 
 def _bits_equal(a, b) -> bool:

@@ -11,7 +11,6 @@ import pytest
 
 import kvjax
 from kvjax.attention import Observe, reference_attention
-from kvjax.checkpoints.safetensors import load_safetensors
 from kvjax.compress import chain, get_method
 from kvjax.compress.base import Context
 from kvjax.compress.gear import GearKV, gear_dense_layer
@@ -21,7 +20,7 @@ from kvjax.quant import quantizers as qz
 from kvjax.quant.cache import QuantizedKV, QuantSpec, init_quantized_layer, quantize_dense_layer
 from kvjax.state import DenseKV, init_dense_layer
 
-from conftest import make_hf_model
+from conftest import tiny_llama_with_prompt
 
 T = 40
 
@@ -32,11 +31,7 @@ _gear = jax.jit(gear_dense_layer, static_argnames=("sp", "room"))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    _, path = make_hf_model("llama", tmp_path_factory)
-    cfg, params = load_safetensors(path, progress=False)
-    model = kvjax.Model(cfg)
-    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, T)), jnp.int32)
-    return model, params, prompt
+    return tiny_llama_with_prompt(tmp_path_factory, T)
 
 
 @pytest.fixture(scope="module")
