@@ -138,6 +138,48 @@ def generate(model: Model, params, prompt: jax.Array, state: KVState | None = No
     return GenerateOutput(tokens=tokens, lengths=lengths, state=state, prefill_logits=logits)
 
 
+def stack_for_loop(model: Model, params, state: KVState):
+    """For a loop over decode steps: the layers are stacked once, so each step scans over them (no per-step
+    re-stacking, compile time independent of depth). Layers that differ only in capacity are padded to the largest
+    (:func:`kvjax.state.pad_stack`). Returns ``(params, state, layout)``; ``layout`` is None when the layers stay a
+    tuple, else what :func:`unstack_after_loop` needs."""
+    from kvjax.models import llama  # noqa: PLC0415
+    from kvjax.state import pad_stack, stack_layers, stackable  # noqa: PLC0415
+
+    if model.forward_impl is not llama.forward or not stackable(params["layers"]):
+        return params, state, None
+    params = {**params, "layers": stack_layers(params["layers"])}
+    if stackable(state.layers):
+        return params, state.replace(layers=stack_layers(state.layers)), ()
+    padded = pad_stack(state.layers)
+    if padded is None:
+        return params, state, None
+    return params, state.replace(layers=padded[0]), padded[1]
+
+
+def unstack_after_loop(state: KVState, layout) -> KVState:
+    from kvjax.state import unpad_unstack  # noqa: PLC0415
+
+    if layout is None:
+        return state
+    return state.replace(layers=unpad_unstack(state.layers, layout) if layout else state.layers.unstack())
+
+
+def decode_hook(method, ctx, stacked: bool):
+    """``hook(state, step_obs) -> state``: the method's decode phase, on a stacked cache when the method maps over
+    layers (``stacked_decode``), else on the unstacked tuple (re-stacked afterwards)."""
+    from kvjax.state import stack_layers  # noqa: PLC0415
+
+    if not stacked or method.stacked_decode:
+        return lambda s, o: method.decode(s, o, ctx)
+
+    def hook(s, o):
+        s = method.decode(s.replace(layers=s.layers.unstack()), o, ctx)
+        return s.replace(layers=stack_layers(s.layers))
+
+    return hook
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
 def decode_loop(model, params, logits, state, key, max_new, sampling, stop_tokens, method=None, ctx=None):
     """Samples ``max_new`` tokens starting from ``logits`` ``(B, V)``; runs ``method.decode`` every ``every`` steps.
@@ -146,24 +188,12 @@ def decode_loop(model, params, logits, state, key, max_new, sampling, stop_token
     """
     from kvjax.attention import Observe  # noqa: PLC0415
 
-    from kvjax.models import llama  # noqa: PLC0415
-    from kvjax.state import StackedLayers, stack_layers, stackable  # noqa: PLC0415
-
     b = logits.shape[0]
     stop = jnp.asarray(stop_tokens, jnp.int32) if stop_tokens else jnp.zeros((0,), jnp.int32)
     streaming = method is not None and method.has_decode()
     step_observe = method.decode_observe() if streaming else Observe()
-    # Homogeneous layers: carry the cache stacked and scan over layers in every step (no per-step re-stacking).
-    stacked = model.forward_impl is llama.forward and stackable(state.layers) and stackable(params["layers"])
-    if stacked:
-        params = {**params, "layers": stack_layers(params["layers"])}
-        state = state.replace(layers=stack_layers(state.layers))
-
-    def hook(s, o):
-        if not stacked:
-            return method.decode(s, o, ctx)
-        s = method.decode(s.replace(layers=s.layers.unstack()), o, ctx)
-        return s.replace(layers=stack_layers(s.layers))
+    params, state, layout = stack_for_loop(model, params, state)
+    hook = decode_hook(method, ctx, layout is not None) if streaming else None
 
     def body(carry):
         i, tok_logits, st, out, done, lengths, key = carry
@@ -186,8 +216,7 @@ def decode_loop(model, params, logits, state, key, max_new, sampling, stop_token
     out0 = jnp.zeros((b, max_new), jnp.int32)
     init = (jnp.int32(0), logits, state, out0, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), key)
     _, _, state, out, _, lengths, _ = jax.lax.while_loop(cond, body, init)
-    if stacked:
-        state = state.replace(layers=state.layers.unstack())
+    state = unstack_after_loop(state, layout)
     # Rows that stopped early: fill the tail with their last token (the stop token).
     last = jnp.take_along_axis(out, jnp.maximum(lengths - 1, 0)[:, None], axis=1)
     out = jnp.where(jnp.arange(max_new)[None] < lengths[:, None], out, last)

@@ -19,6 +19,7 @@ Every function here is pure: it returns a new state.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -168,6 +169,53 @@ def stack_layers(layers) -> StackedLayers:
     if isinstance(layers, StackedLayers):
         return layers
     return StackedLayers(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers))
+
+
+def _slot_aligned(layer: DenseKV, x: Array) -> bool:
+    return x.ndim >= 3 and x.shape[:2] == layer.pos.shape[:2] and x.shape[2] == layer.capacity
+
+
+def _resize_slots(layer: DenseKV, capacity: int) -> DenseKV:
+    """``layer`` with ``capacity`` slots: padded with empty slots (pos -1) or cut (slot-aligned extras follow)."""
+    c = layer.capacity
+
+    def fit(x, value=0):
+        if capacity <= c:
+            return x[:, :, :capacity]
+        pad = [(0, 0)] * x.ndim
+        pad[2] = (0, capacity - c)
+        return jnp.pad(x, pad, constant_values=value)
+
+    extras = {n: fit(x) if _slot_aligned(layer, x) else x for n, x in layer.extras.items()}
+    return layer.replace(k=fit(layer.k), v=fit(layer.v), pos=fit(layer.pos, -1), extras=extras)
+
+
+def pad_stack(layers) -> tuple[StackedLayers, tuple[int, ...]] | None:
+    """Stacks plain (non-ring) dense layers that differ only in capacity (PyramidKV, CAKE, D2O, AdaKV leave such
+    caches) by padding each to the largest capacity with empty slots; ``None`` if they differ otherwise.
+
+    Returns the stack and the original capacities for :func:`unpad_unstack`. Padding slots are invalid, so attention
+    over the padded stack equals attention over each layer; only compute, not the state's bytes, grows.
+    """
+    if len(layers) < 2 or not all(type(l) is DenseKV and l.ring_start < 0 for l in layers):
+        return None
+    caps = tuple(l.capacity for l in layers)
+    cmax = max(caps)
+    shapes = [jax.eval_shape(functools.partial(_resize_slots, capacity=cmax), l) for l in layers]
+    if not stackable(shapes):
+        return None
+    return stack_layers([_resize_slots(l, cmax) for l in layers]), caps
+
+
+def unpad_obs(obs: dict, capacity: int) -> dict:
+    """A layer's observations (``colsum`` / ``window``: slot axis last) cut back to its own ``capacity``."""
+    return {n: (x[..., :capacity] if n in ("colsum", "window") else x) for n, x in obs.items()}
+
+
+def unpad_unstack(stacked: StackedLayers, caps: tuple[int, ...]) -> tuple:
+    """Inverse of :func:`pad_stack`: the layers back at their own capacities (tokens decoded meanwhile included, as
+    long as each layer had room for them, which compression methods guarantee)."""
+    return tuple(_resize_slots(l, c) for l, c in zip(stacked.unstack(), caps))
 
 
 def init_dense_layer(batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype=jnp.float32, *,

@@ -82,3 +82,38 @@ def test_batched_generation_with_left_padding_matches_single(tiny):
     out = generate(model, params, batch, prompt_mask=mask, max_new_tokens=8)
     single = generate(model, params, jnp.asarray(a[:, 2:]), max_new_tokens=8)
     np.testing.assert_array_equal(np.asarray(out.tokens[0]), np.asarray(single.tokens[0]))
+
+
+def test_layers_differing_in_capacity_scan_padded_like_unrolled(tiny, monkeypatch):
+    """Per-layer budgets leave layers of different capacities: the forward pass and the decode loop pad them to one
+    stack (one scan over layers) and must give exactly what running the layers one by one gives."""
+    import kvjax.generate as gen
+    import kvjax.models.llama as llama
+    from kvjax.attention import Observe
+    from kvjax.state import _resize_slots
+
+    model, params = tiny
+    prompt = jnp.asarray([[5, 9, 2, 7, 11, 3, 8, 1]], jnp.int32)
+    _, state, _ = model.jit_forward(params, prompt, model.init_state(1, 20), logits="last")
+    caps = [14 + 2 * i for i in range(len(state.layers))]
+    state = state.replace(layers=tuple(_resize_slots(l, c) for l, c in zip(state.layers, caps)))
+    nxt = jnp.asarray([[4, 6]], jnp.int32)
+
+    def run():
+        lg, st, obs = model.forward(params, nxt, state, observe=Observe(colsum=True), logits="all")
+        out = generate(model, params, prompt[:, -1:], state=st, max_new_tokens=3, method=None)
+        return lg, st, obs, out
+
+    lg, st, obs, out = run()
+    assert [l.capacity for l in st.layers] == caps
+    assert [o["colsum"].shape[-1] for o in obs] == caps
+    monkeypatch.setattr(llama, "pad_stack", lambda layers: None)  # reference: layers unrolled one by one
+    monkeypatch.setattr(gen, "stack_for_loop", lambda m, p, s: (p, s, None))
+    lg0, st0, obs0, out0 = run()
+    np.testing.assert_allclose(np.asarray(lg), np.asarray(lg0), atol=1e-5)
+    for a, b, oa, ob in zip(st.layers, st0.layers, obs, obs0):
+        np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))
+        np.testing.assert_allclose(np.asarray(a.k), np.asarray(b.k), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(oa["colsum"]), np.asarray(ob["colsum"]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(out0.tokens))
+    assert [l.capacity for l in out.state.layers] == caps

@@ -89,4 +89,4 @@ class AdaKV(SnapKV):
                 size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))
             return compact_with_obs(layer, o, keep, size=size, room=ctx.decode_room)
 
-        return map_global_layers(state, obs, one)
+        return map_global_layers(state, obs, one, per_layer=True)

@@ -53,6 +53,9 @@ class Method:
     kind: ClassVar[str] = "dense"  # what the method leaves in the state
     needs_dense: ClassVar[bool] = True  # it reads/gathers float keys and values
     every: int = 1  # decode hook period (only methods with a decode phase use it)
+    # The decode phase accepts a StackedLayers cache (it maps over layers with evict.map_decode_layers), so the decode
+    # loop need not unstack the cache around every hook.
+    stacked_decode: ClassVar[bool] = False
 
     def observe(self) -> Observe:
         return Observe()
@@ -117,6 +120,10 @@ class Chain(Method):
     @property
     def every(self) -> int:  # type: ignore[override]
         return next((m.every for m in self.methods if m.has_decode()), 1)
+
+    @property
+    def stacked_decode(self) -> bool:  # type: ignore[override]
+        return all(m.stacked_decode for m in self.methods if m.has_decode())
 
     @property
     def jittable(self) -> bool:

@@ -160,7 +160,7 @@ class CAKE(Method):
             layer = layer.replace(extras={**layer.extras, "cake_budget": per_head})
             return compact_with_obs(layer, o, keep, size=size, room=room)
 
-        return map_global_layers(state, obs, one)
+        return map_global_layers(state, obs, one, per_layer=True)
 
     def decode(self, state, obs, ctx: Context):
         layers = list(state.layers)

@@ -197,7 +197,7 @@ class D2O(Method):
             room = evict_capacity(size, int(b_l.max()), ctx.decode_room) - size
             return compact_with_obs(layer.replace(k=k, v=v, extras=ex), o, keep, size=size, room=room)
 
-        return map_global_layers(state, obs, one)
+        return map_global_layers(state, obs, one, per_layer=True)
 
     def decode(self, state, obs, ctx: Context):
         layers = list(state.layers)

@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.state import DenseKV, KVState
+from kvjax.state import DenseKV, KVState, StackedLayers, stack_layers, stackable
 
 BIG = 3e38
 
@@ -120,18 +120,53 @@ def gather_obs(obs: dict, idx: jax.Array, keep: jax.Array, room: int = 0) -> dic
     return out
 
 
-def map_global_layers(state: KVState, obs, fn, *, include_local: bool = False):
+def map_global_layers(state: KVState, obs, fn, *, include_local: bool = False, per_layer: bool = False,
+                      needs: str | None = None):
     """Applies ``fn(i, layer, layer_obs) -> (layer, layer_obs)`` to every global (non-sliding-window) layer.
 
-    Local (sliding-window) layers already hold only their window and are left alone unless ``include_local``.
+    Local (sliding-window) layers already hold only their window and are left alone unless ``include_local``; with
+    ``needs``, layers whose ``extras`` lack that key are left alone too (decode hooks of layers the prefill skipped).
+
+    Layer-uniform transforms (``per_layer=False``, the default) run as one ``jax.vmap`` over the stacked layers when
+    they are homogeneous (same shapes), with ``i`` a traced layer index: compile time then does not grow with depth.
+    ``state.layers`` may already be a :class:`~kvjax.state.StackedLayers` (the decode loop carries the cache so).
+    Transforms whose output shapes depend on the layer (PyramidKV's per-layer budgets, host-side allocations) pass
+    ``per_layer=True`` and get a Python ``int`` index, one call per layer.
     """
-    obs = obs if obs is not None else tuple({} for _ in state.layers)
+    n = len(state.layers)
+    obs = obs if obs is not None else tuple({} for _ in range(n))
+    if isinstance(state.layers, StackedLayers):
+        tree = state.layers.tree
+        if per_layer or (tree.window and not include_local) or (needs and needs not in tree.extras):
+            if per_layer:
+                raise ValueError("a per-layer transform cannot run on stacked layers; unstack them first")
+            return state, obs
+        new, new_obs = jax.vmap(fn)(jnp.arange(n, dtype=jnp.int32), tree, stack_layers(obs).tree)
+        return state.replace(layers=StackedLayers(new)), _unstack(new_obs, n)
+    sel = [i for i, layer in enumerate(state.layers)
+           if (include_local or not layer.window) and (needs is None or needs in layer.extras)]
     layers, new_obs = list(state.layers), list(obs)
-    for i, layer in enumerate(state.layers):
-        if layer.window and not include_local:
-            continue
-        layers[i], new_obs[i] = fn(i, layer, obs[i])
+    group_obs = [obs[i] for i in sel]
+    if not per_layer and len(sel) > 1 and stackable([layers[i] for i in sel]) and stackable(group_obs):
+        new, out_obs = jax.vmap(fn)(jnp.asarray(sel, jnp.int32), stack_layers([layers[i] for i in sel]).tree,
+                                    stack_layers(group_obs).tree)
+        for j, (layer, o) in enumerate(zip(_unstack(new, len(sel)), _unstack(out_obs, len(sel)))):
+            layers[sel[j]], new_obs[sel[j]] = layer, o
+    else:
+        for i in sel:
+            layers[i], new_obs[i] = fn(i, layers[i], obs[i])
     return state.replace(layers=tuple(layers)), tuple(new_obs)
+
+
+def _unstack(tree, n: int) -> tuple:
+    return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], tree) for i in range(n))
+
+
+def map_decode_layers(state: KVState, obs, fn, needs: str):
+    """Decode hook over the layers that hold ``extras[needs]``: ``fn(i, layer, layer_obs) -> layer``, vmapped over
+    homogeneous (or already stacked) layers like :func:`map_global_layers`. Returns the new state."""
+    return map_global_layers(state, obs, lambda i, layer, o: (fn(i, layer, o), o), needs=needs,
+                             include_local=True)[0]
 
 
 def pool1d(x: jax.Array, kernel: int, kind: str = "avgpool") -> jax.Array:

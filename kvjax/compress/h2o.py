@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
 from kvjax.compress.evict import compact_layer, evict_capacity, gather_layer, gather_obs, group_to_kv_heads, \
-    lowest_mask, map_global_layers, recent_mask, select_keep
+    lowest_mask, map_decode_layers, map_global_layers, recent_mask, select_keep
 
 
 @register
@@ -35,6 +35,7 @@ class H2O(Method):
     heavy_ratio: float = 0.5  # fraction of the budget for heavy hitters; the rest is the recent window
     gqa_reduce: str = "mean"
     name: ClassVar[str] = "h2o"
+    stacked_decode: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("budget", self.budget)
@@ -70,13 +71,11 @@ class H2O(Method):
         return map_global_layers(state, obs, one)
 
     def decode(self, state, obs, ctx: Context):
-        layers = list(state.layers)
-        for i, layer in enumerate(layers):
-            if "h2o" not in layer.extras:
-                continue
-            score = layer.extras["h2o"] + group_to_kv_heads(obs[i]["colsum"], layer.k.shape[1], self.gqa_reduce)
+        def one(i, layer, o):
+            score = layer.extras["h2o"] + group_to_kv_heads(o["colsum"], layer.k.shape[1], self.gqa_reduce)
             layer = layer.replace(extras={**layer.extras, "h2o": score})
             candidates = layer.valid & ~recent_mask(layer, state.next_pos, self.recent)
             drop = lowest_mask(score, candidates, jnp.sum(layer.valid, axis=-1) - self.budget)
-            layers[i] = compact_layer(layer, ~drop)
-        return state.replace(layers=tuple(layers))
+            return compact_layer(layer, ~drop)
+
+        return map_decode_layers(state, obs, one, "h2o")

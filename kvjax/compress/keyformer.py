@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
 from kvjax.compress.evict import compact_layer, evict_capacity, gather_layer, gather_obs, group_to_kv_heads, \
-    lowest_mask, map_global_layers, recent_mask, select_keep
+    lowest_mask, map_decode_layers, map_global_layers, recent_mask, select_keep
 
 
 def gumbel_softmax_of_probs(p: jax.Array, key: jax.Array, tau) -> jax.Array:
@@ -55,6 +55,7 @@ class Keyformer(Method):
     seed: int = 0
     gqa_reduce: str = "mean"
     name: ClassVar[str] = "keyformer"
+    stacked_decode: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("budget", self.budget)
@@ -77,7 +78,7 @@ class Keyformer(Method):
         return Observe(colsum=True)
 
     def _key(self, layer_index: int, next_pos) -> jax.Array:
-        key = jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), layer_index)
+        key = jax.random.fold_in(jax.random.key(self.seed), layer_index)
         return jax.random.fold_in(key, jnp.max(next_pos))
 
     def tau(self, step, max_new_tokens: int):
@@ -100,16 +101,14 @@ class Keyformer(Method):
         return map_global_layers(state, obs, one)
 
     def decode(self, state, obs, ctx: Context):
-        layers = list(state.layers)
-        for i, layer in enumerate(layers):
-            if "kf_score" not in layer.extras:
-                continue
+        def one(i, layer, o):
             step = (state.next_pos - layer.extras["kf_t0"][:, 0]).astype(jnp.float32)  # (B,), 1 at the first step
             tau = self.tau(step, ctx.decode_room)[:, None, None]
-            gs = gumbel_softmax_of_probs(obs[i]["colsum"], self._key(i, state.next_pos), tau)
+            gs = gumbel_softmax_of_probs(o["colsum"], self._key(i, state.next_pos), tau)
             score = layer.extras["kf_score"] + group_to_kv_heads(gs, layer.k.shape[1], self.gqa_reduce)
             layer = layer.replace(extras={**layer.extras, "kf_score": score})
             candidates = layer.valid & ~recent_mask(layer, state.next_pos, self.recent)
             drop = lowest_mask(score, candidates, jnp.sum(layer.valid, axis=-1) - self.budget)
-            layers[i] = compact_layer(layer, ~drop)
-        return state.replace(layers=tuple(layers))
+            return compact_layer(layer, ~drop)
+
+        return map_decode_layers(state, obs, one, "kf_score")

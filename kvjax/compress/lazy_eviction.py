@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
 from kvjax.compress.evict import compact_layer, compaction_index, evict_capacity, gather_layer, gather_obs, \
-    group_to_kv_heads, lowest_mask, map_global_layers, recent_mask
+    group_to_kv_heads, lowest_mask, map_decode_layers, map_global_layers, recent_mask
 
 
 @register
@@ -47,6 +47,7 @@ class LazyEviction(Method):
     threshold: float = 1.0  # important = attention >= threshold / (tokens attended)
     gqa_reduce: str = "mean"
     name: ClassVar[str] = "lazy_eviction"
+    stacked_decode: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("budget", self.budget)
@@ -106,12 +107,10 @@ class LazyEviction(Method):
         return map_global_layers(state, obs, one)
 
     def decode(self, state, obs, ctx: Context):
-        layers = list(state.layers)
         qpos = state.next_pos - 1
-        for i, layer in enumerate(layers):
-            if "lz_last" not in layer.extras:
-                continue
-            att = group_to_kv_heads(obs[i]["colsum"], layer.k.shape[1], self.gqa_reduce)
+
+        def one(i, layer, o):
+            att = group_to_kv_heads(o["colsum"], layer.k.shape[1], self.gqa_reduce)
             newest = layer.valid & (layer.pos == qpos[:, None, None])
             last = jnp.where(newest, layer.pos, layer.extras["lz_last"])  # a token's insertion is its first step
             mri = jnp.where(newest, 0, layer.extras["lz_mri"])
@@ -119,5 +118,6 @@ class LazyEviction(Method):
             layer = layer.replace(extras={**layer.extras, "lz_last": last, "lz_mri": mri})
             steps = state.next_pos - layer.extras["lz_t0"][:, 0]  # decoding steps so far (B,)
             due = (steps % self.window == 0)[:, None, None]
-            layers[i] = compact_layer(layer, ~(self._to_drop(layer, state.next_pos) & due))
-        return state.replace(layers=tuple(layers))
+            return compact_layer(layer, ~(self._to_drop(layer, state.next_pos) & due))
+
+        return map_decode_layers(state, obs, one, "lz_last")

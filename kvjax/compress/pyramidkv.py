@@ -77,4 +77,4 @@ class PyramidKV(SnapKV):
             idx, keep = select_keep(score, layer.valid, budgets[i], protect)
             return gather_layer(layer, idx, keep, ctx.decode_room), gather_obs(o, idx, keep, ctx.decode_room)
 
-        return map_global_layers(state, obs, one)
+        return map_global_layers(state, obs, one, per_layer=True)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
 from kvjax.compress.evict import compact_layer, compaction_index, evict_capacity, gather_layer, gather_obs, \
-    group_to_kv_heads, lowest_mask, map_global_layers, recent_mask
+    group_to_kv_heads, lowest_mask, map_decode_layers, map_global_layers, recent_mask
 
 
 @register
@@ -44,6 +44,7 @@ class Scissorhands(Method):
     drop_fraction: float = 0.5  # m / budget: tokens dropped at each compression
     gqa_reduce: str = "mean"
     name: ClassVar[str] = "scissorhands"
+    stacked_decode: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("budget", self.budget)
@@ -126,19 +127,18 @@ class Scissorhands(Method):
         return map_global_layers(state, obs, one)
 
     def decode(self, state, obs, ctx: Context):
-        layers = list(state.layers)
         qpos = state.next_pos - 1  # position of the query that produced these observations
         r = jnp.mod(qpos, self.history)
         word = jax.nn.one_hot(r // 32, self.words, dtype=bool)[:, None, None, :]  # (B, 1, 1, words)
         bit = jnp.left_shift(jnp.uint32(1), (r % 32).astype(jnp.uint32))[:, None, None, None]
-        for i, layer in enumerate(layers):
-            if "sh_hist" not in layer.extras:
-                continue
-            att = group_to_kv_heads(obs[i]["colsum"], layer.k.shape[1], self.gqa_reduce)  # (B, Hkv, C)
+
+        def one(i, layer, o):
+            att = group_to_kv_heads(o["colsum"], layer.k.shape[1], self.gqa_reduce)  # (B, Hkv, C)
             n_vis = jnp.maximum(jnp.sum(layer.valid, axis=-1, keepdims=True), 1)
             below = (layer.valid & (att * n_vis < 1.0)).astype(jnp.uint32)[..., None]
             hist = layer.extras["sh_hist"]
             hist = jnp.where(word, (hist & ~bit) | (below * bit), hist)
             layer = layer.replace(extras={**layer.extras, "sh_hist": hist})
-            layers[i] = compact_layer(layer, ~self._to_drop(layer, self.counts(hist), state.next_pos))
-        return state.replace(layers=tuple(layers))
+            return compact_layer(layer, ~self._to_drop(layer, self.counts(hist), state.next_pos))
+
+        return map_decode_layers(state, obs, one, "sh_hist")

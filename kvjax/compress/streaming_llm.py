@@ -23,7 +23,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from kvjax.compress.base import Context, Method, check_positive, register
-from kvjax.compress.evict import gather_layer, gather_obs, map_global_layers, recent_mask, select_keep, sink_mask
+from kvjax.compress.evict import gather_layer, gather_obs, map_decode_layers, map_global_layers, recent_mask, select_keep, sink_mask
 from kvjax.rope import inv_frequencies, rerotate_keys
 
 
@@ -36,6 +36,7 @@ class StreamingLLM(Method):
     window: int = 1020
     reposition: bool = True
     name: ClassVar[str] = "streaming_llm"
+    stacked_decode: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("n_sink", self.n_sink, allow_zero=True)
@@ -85,6 +86,5 @@ class StreamingLLM(Method):
 
     def decode(self, state, obs, ctx: Context):
         inv_freq = self._inv_freq(ctx.cfg)
-        layers = tuple(self._place_sinks(l, state.next_pos, inv_freq) if "sink_k_pre" in l.extras else l
-                       for l in state.layers)
-        return state.replace(layers=layers)
+        return map_decode_layers(state, obs, lambda i, layer, o: self._place_sinks(layer, state.next_pos, inv_freq),
+                                 "sink_k_pre")

@@ -250,25 +250,27 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
 
 
 def _stream_nll_impl(model, method, ctx, params, state, tokens, first_logits):
-    """Teacher-forced token-by-token NLL through the cache (method.decode runs every ``every`` steps)."""
-    observe = method.decode_observe() if method is not None else None
+    """Teacher-forced token-by-token NLL through the cache (method.decode runs every ``every`` steps); the cache is
+    carried stacked over layers like in :func:`kvjax.generate.decode_loop`."""
     from kvjax.attention import Observe
+    from kvjax.generate import decode_hook, stack_for_loop, unstack_after_loop
 
-    observe = observe or Observe()
+    observe = method.decode_observe() if method is not None else Observe()
+    params, state, layout = stack_for_loop(model, params, state)
+    hook = decode_hook(method, ctx, layout is not None) if method is not None else None
 
-    def step(carry, xs):
+    def step(carry, tok):
         st, logits, i = carry
-        tok = xs
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
         lg, st, o = model.forward_impl(model.cfg, params, tok[:, None], st, None, observe=observe, impl=model.impl,
                                        logits="last")
-        if method is not None:
-            st = jax.lax.cond((i + 1) % method.every == 0, lambda s: method.decode(s, o, ctx), lambda s: s, st)
+        if hook is not None:
+            st = jax.lax.cond((i + 1) % method.every == 0, lambda s: hook(s, o), lambda s: s, st)
         return (st, lg, i + 1), (nll, logits)
 
     (st, _, _), (nll, logits) = jax.lax.scan(step, (state, first_logits, jnp.int32(0)), tokens.T)
-    return nll.T, jnp.swapaxes(logits, 0, 1), st
+    return nll.T, jnp.swapaxes(logits, 0, 1), unstack_after_loop(st, layout)
 
 
 _stream_nll = jax.jit(_stream_nll_impl, static_argnums=(0, 1, 2))

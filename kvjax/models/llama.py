@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from kvjax.attention import Observe, attend
 from kvjax.config import ModelConfig
 from kvjax.rope import apply_rope, dynamic_inv_frequencies, inv_frequencies
-from kvjax.state import KVState, StackedLayers, stack_layers, stackable
+from kvjax.state import KVState, StackedLayers, pad_stack, stack_layers, stackable, unpad_obs, unpad_unstack
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -108,6 +108,11 @@ def run_layers(layer_fn, x, param_layers, cache_layers):
     runs them (compile time independent of depth); otherwise the layers are unrolled. A stacked cache stays stacked
     (the decode loop carries it so); a tuple comes back as a tuple.
     """
+    caps = None
+    if not isinstance(cache_layers, StackedLayers) and not stackable(cache_layers) and stackable(param_layers):
+        padded = pad_stack(cache_layers)  # layers that differ only in capacity (per-layer budgets): pad and scan
+        if padded is not None:
+            cache_layers, caps = padded
     if isinstance(cache_layers, StackedLayers) or (stackable(cache_layers) and stackable(param_layers)):
         sp = stack_layers(param_layers).tree
         sc = stack_layers(cache_layers).tree
@@ -120,6 +125,8 @@ def run_layers(layer_fn, x, param_layers, cache_layers):
         x, (sc, obs) = jax.lax.scan(body, x, (sp, sc))
         n = len(StackedLayers(sc))
         obs = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], obs) for i in range(n))
+        if caps is not None:
+            return x, unpad_unstack(StackedLayers(sc), caps), tuple(unpad_obs(o, c) for o, c in zip(obs, caps))
         layers = StackedLayers(sc) if isinstance(cache_layers, StackedLayers) else StackedLayers(sc).unstack()
         return x, layers, obs
     new_layers, all_obs = [], []
