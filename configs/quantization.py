@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/quantization"
     c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.retime_first = True  # time a second run of each compiled shape, so no timing includes compilation
+    c.precompile = True  # compile every program before its timed call, so no timing includes compilation
     c.prompt_style = "plain"
     c.max_new_tokens = 10
     c.methods = ml_collections.ConfigDict({

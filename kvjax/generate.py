@@ -100,6 +100,18 @@ def compress_prefilled(method, state: KVState, obs, ctx) -> KVState:
     return method.prefill(state, obs, ctx)[0]
 
 
+def precompile_prefilled(method, state: KVState, obs, ctx) -> bool:
+    """Compiles :func:`compress_prefilled`'s program for these arguments without running it; False for methods that
+    run eagerly (nothing to compile ahead)."""
+    from kvjax.attention import restrict_observations  # noqa: PLC0415
+
+    if not getattr(method, "jittable", True):
+        return False
+    obs = restrict_observations(obs, method.observe())
+    _apply_prefill.lower(method, dataclasses.replace(ctx, params=None), state, obs).compile()
+    return True
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _apply_prefill(method, ctx, state, obs):
     return method.prefill(state, obs, ctx)[0]

@@ -116,6 +116,14 @@ class Model:
         return _jit_forward(self, params, tokens, state, token_mask, observe, logits)
 
 
+    def compile_forward(self, params, tokens, state: KVState, token_mask=None, *, observe: Observe = Observe(),
+                        logits: str = "all") -> None:
+        """Compiles :meth:`jit_forward` for these arguments without running it (the executable lands in its call
+        cache), so that a timed call which follows excludes compilation."""
+        self.check_inputs(tokens, state, token_mask)
+        _jit_forward.lower(self, params, tokens, state, token_mask, observe, logits).compile()
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _jit_prefill(model, params, tokens, state, token_mask, logits):
     out, new_state, _ = model.forward_impl(model.cfg, params, tokens, state, token_mask, impl=model.impl,

@@ -43,7 +43,7 @@ import numpy as np
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
 from kvjax.compress.evict import compact_layer, compact_with_obs, evict_capacity, group_to_kv_heads, lowest_mask, \
-    map_global_layers, pool1d, proportional_budgets, recent_mask
+    map_decode_layers, map_global_layers, pool1d, proportional_budgets, recent_mask
 
 
 @functools.partial(jax.jit, static_argnames=("gamma", "tau1", "tau2"))
@@ -99,6 +99,7 @@ class CAKE(Method):
     cascade: bool = True
     gqa_reduce: str = "mean"
     name: ClassVar[str] = "cake"
+    stacked_decode: ClassVar[bool] = True
     jittable: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -163,14 +164,12 @@ class CAKE(Method):
         return map_global_layers(state, obs, one, per_layer=True)
 
     def decode(self, state, obs, ctx: Context):
-        layers = list(state.layers)
-        for i, layer in enumerate(layers):
-            if "cake_budget" not in layer.extras or layer.window:
-                continue
+        def one(i, layer, o):
             protect = recent_mask(layer, state.next_pos, self.window)
-            g = obs[i]["colsum"].shape[1] // layer.k.shape[1]
-            raw = jnp.where(jnp.repeat(protect | ~layer.valid, g, axis=1), 0.0, obs[i]["colsum"])
+            g = o["colsum"].shape[1] // layer.k.shape[1]
+            raw = jnp.where(jnp.repeat(protect | ~layer.valid, g, axis=1), 0.0, o["colsum"])
             score = self._score(raw, layer.k.shape[1])
             n = jnp.sum(layer.valid, axis=-1) - layer.extras["cake_budget"]
-            layers[i] = compact_layer(layer, ~lowest_mask(score, layer.valid & ~protect, n))
-        return state.replace(layers=tuple(layers))
+            return compact_layer(layer, ~lowest_mask(score, layer.valid & ~protect, n))
+
+        return map_decode_layers(state, obs, one, "cake_budget")

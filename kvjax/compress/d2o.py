@@ -41,7 +41,7 @@ import numpy as np
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
 from kvjax.compress.evict import compact_with_obs, compaction_index, evict_capacity, gather_layer, group_to_kv_heads, \
-    lowest_mask, map_global_layers, proportional_budgets
+    lowest_mask, map_decode_layers, map_global_layers, proportional_budgets
 
 _scatter_add = jax.vmap(jax.vmap(lambda buf, idx, upd: buf.at[idx].add(upd)))
 
@@ -121,6 +121,7 @@ class D2O(Method):
     merge: bool = True  # the compensation mechanism (False: plain eviction)
     gqa_reduce: str = "mean"
     name: ClassVar[str] = "d2o"
+    stacked_decode: ClassVar[bool] = True
     jittable: ClassVar[bool] = False
 
     def __post_init__(self):
@@ -200,16 +201,13 @@ class D2O(Method):
         return map_global_layers(state, obs, one, per_layer=True)
 
     def decode(self, state, obs, ctx: Context):
-        layers = list(state.layers)
-        for i, layer in enumerate(layers):
-            if "d2o_score" not in layer.extras:
-                continue
-            score = layer.extras["d2o_score"] + group_to_kv_heads(obs[i]["colsum"], layer.k.shape[1],
-                                                                  self.gqa_reduce)
+        def one(i, layer, o):
+            score = layer.extras["d2o_score"] + group_to_kv_heads(o["colsum"], layer.k.shape[1], self.gqa_reduce)
             protect = self._protect(layer, state.next_pos, layer.extras["d2o_recent"][..., None])
             n = jnp.sum(layer.valid, axis=-1) - layer.extras["d2o_budget"]
             keep = layer.valid & ~lowest_mask(score, layer.valid & ~protect, n)
             k, v, ex = self._evict(layer, score, keep, 1)
             idx, kept = compaction_index(keep)
-            layers[i] = gather_layer(layer.replace(extras=ex), idx, kept, k=k, v=v)
-        return state.replace(layers=tuple(layers))
+            return gather_layer(layer.replace(extras=ex), idx, kept, k=k, v=v)
+
+        return map_decode_layers(state, obs, one, "d2o_score")

@@ -127,7 +127,7 @@ def map_global_layers(state: KVState, obs, fn, *, include_local: bool = False, p
     Local (sliding-window) layers already hold only their window and are left alone unless ``include_local``; with
     ``needs``, layers whose ``extras`` lack that key are left alone too (decode hooks of layers the prefill skipped).
 
-    Layer-uniform transforms (``per_layer=False``, the default) run as one ``jax.vmap`` over the stacked layers when
+    Layer-uniform transforms (``per_layer=False``, the default) run as one ``lax.map`` over the stacked layers when
     they are homogeneous (same shapes), with ``i`` a traced layer index: compile time then does not grow with depth.
     ``state.layers`` may already be a :class:`~kvjax.state.StackedLayers` (the decode loop carries the cache so).
     Transforms whose output shapes depend on the layer (PyramidKV's per-layer budgets, host-side allocations) pass
@@ -141,14 +141,14 @@ def map_global_layers(state: KVState, obs, fn, *, include_local: bool = False, p
             if per_layer:
                 raise ValueError("a per-layer transform cannot run on stacked layers; unstack them first")
             return state, obs
-        new, new_obs = jax.vmap(fn)(jnp.arange(n, dtype=jnp.int32), tree, stack_layers(obs).tree)
+        new, new_obs = _map_layers(fn, jnp.arange(n, dtype=jnp.int32), tree, stack_layers(obs).tree)
         return state.replace(layers=StackedLayers(new)), _unstack(new_obs, n)
     sel = [i for i, layer in enumerate(state.layers)
            if (include_local or not layer.window) and (needs is None or needs in layer.extras)]
     layers, new_obs = list(state.layers), list(obs)
     group_obs = [obs[i] for i in sel]
     if not per_layer and len(sel) > 1 and stackable([layers[i] for i in sel]) and stackable(group_obs):
-        new, out_obs = jax.vmap(fn)(jnp.asarray(sel, jnp.int32), stack_layers([layers[i] for i in sel]).tree,
+        new, out_obs = _map_layers(fn, jnp.asarray(sel, jnp.int32), stack_layers([layers[i] for i in sel]).tree,
                                     stack_layers(group_obs).tree)
         for j, (layer, o) in enumerate(zip(_unstack(new, len(sel)), _unstack(out_obs, len(sel)))):
             layers[sel[j]], new_obs[sel[j]] = layer, o
@@ -156,6 +156,12 @@ def map_global_layers(state: KVState, obs, fn, *, include_local: bool = False, p
         for i in sel:
             layers[i], new_obs[i] = fn(i, layers[i], obs[i])
     return state.replace(layers=tuple(layers)), tuple(new_obs)
+
+
+def _map_layers(fn, idx, layers, obs):
+    """``fn`` over stacked layers as one ``lax.map`` (a scan: the body is compiled once, un-batched; vmapping the
+    sorts and gathers of some methods made XLA's compile time explode)."""
+    return jax.lax.map(lambda a: fn(*a), (idx, layers, obs))
 
 
 def _unstack(tree, n: int) -> tuple:

@@ -150,7 +150,7 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
         print(f"resuming {run_dir}: {n_cells - n_todo} of {n_cells} cells already done")
     full = next((v for v in variants if v.is_full), None)
     ppl_ref = None
-    timed_shapes: set = set()
+    precompile = bool(c.get("precompile", True))
     bar = tqdm(total=n_todo, desc="cells", disable=not progress, dynamic_ncols=True)
     f = open(results_path, "a") if writer else None
     try:
@@ -158,29 +158,15 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
             kind, g, p = unit
             where = "perplexity" if kind == "ppl" else f"{g.task}@{g.context_tokens}"
             bar.set_postfix_str(f"prefill {where}")
-            prefilled = _prefill(lm, unit, variants, ppl, segments)
-            shape_key = ("prefill", kind, g.task if g else None, g.context_tokens if g else None)
-            retime = bool(c.get("retime_first", True))
-            if retime and shape_key not in timed_shapes:  # the first call compiled: time a second one
-                timed_shapes.add(shape_key)
-                prefilled = _prefill(lm, unit, variants, ppl, segments)
+            prefilled = _prefill(lm, unit, variants, ppl, segments, precompile)
             if kind == "ppl" and full is not None:
                 _, ppl_ref = harness.run_perplexity_cell(lm, full, segments, int(ppl["context_tokens"]),
-                                                         ppl.get("mode", "chunk"), None, prefilled)
+                                                         ppl.get("mode", "chunk"), None, prefilled, precompile)
             for v in vs:
                 bar.set_postfix_str(f"{v.label} {where}")
-                row = _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled)
-                vkey = (v.label,) + shape_key[1:]
-                warm = vkey in timed_shapes  # an earlier cell compiled this shape already
-                timed_shapes.add(vkey)
-                if retime and not warm:  # re-time the first run of each compiled shape
-                    warm = True
-                    again = _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled)
-                    for k in ("compress_s", "prefill_s", "decode_s", "decode_tok_s", "eval_s", "eval_tok_s"):
-                        if k in again:
-                            row[k] = again[k]
+                row = _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled, precompile)
                 row.update(key=_key(unit, v), label=v.label, method=v.method.name, method_desc=v.method.describe(),
-                           warm=warm, model=lm.name, time=time.time(), **_memory())
+                           warm=precompile, model=lm.name, time=time.time(), **_memory())
                 rows.append(row)
                 if f is not None:
                     f.write(json.dumps(row, default=_json_default) + "\n")
@@ -214,25 +200,25 @@ def _room(unit, ppl) -> int:
     return int(ppl["eval_tokens"]) if kind == "ppl" else harness.generation_room(p, g.max_new_tokens)
 
 
-def _prefill(lm, unit, variants, ppl, segments):
+def _prefill(lm, unit, variants, ppl, segments, precompile: bool):
     import jax.numpy as jnp
 
     kind, g, p = unit
     if kind == "ppl":
         toks = jnp.asarray(segments[:, :int(ppl["context_tokens"])])
-        return harness.shared_prefill(lm, toks, None, variants, _room(unit, ppl))
+        return harness.shared_prefill(lm, toks, None, variants, _room(unit, ppl), precompile)
     return harness.shared_prefill(lm, jnp.asarray(p.tokens[None]), jnp.asarray(p.mask[None]), variants,
-                                  _room(unit, ppl))
+                                  _room(unit, ppl), precompile)
 
 
-def _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled) -> dict:
+def _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled, precompile: bool) -> dict:
     kind, g, p = unit
     if kind == "ppl":
         row, _ = harness.run_perplexity_cell(lm, v, segments, int(ppl["context_tokens"]), ppl.get("mode", "chunk"),
-                                             ppl_ref, prefilled)
+                                             ppl_ref, prefilled, precompile)
         row["corpus"] = ppl["corpus"]
         return row
-    row = harness.run_generation_cell(lm, v, p, g.max_new_tokens, prefilled)
+    row = harness.run_generation_cell(lm, v, p, g.max_new_tokens, prefilled, precompile)
     row["task"] = g.task
     row["context_tokens"] = g.context_tokens
     return row
