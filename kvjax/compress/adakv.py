@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.compress.base import Context, register
-from kvjax.compress.evict import BIG, compact_with_obs, map_global_layers
+from kvjax.compress.evict import BIG, compact_ragged, map_global_layers
 from kvjax.compress.snapkv import SnapKV
 
 
@@ -87,6 +87,6 @@ class AdaKV(SnapKV):
                 size = min(layer.capacity, self.window + layer.k.shape[1] * per_head)
             else:  # eager prefill: the largest head's count
                 size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))
-            return compact_with_obs(layer, o, keep, size=size, room=ctx.decode_room)
+            return compact_ragged(layer, o, keep, size=size, room=ctx.decode_room)
 
         return map_global_layers(state, obs, one, per_layer=True)

@@ -42,7 +42,7 @@ import numpy as np
 
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
-from kvjax.compress.evict import compact_layer, compact_with_obs, evict_capacity, group_to_kv_heads, lowest_mask, \
+from kvjax.compress.evict import compact_layer, compact_ragged, evict_capacity, group_to_kv_heads, lowest_mask, \
     map_decode_layers, map_global_layers, pool1d, proportional_budgets, recent_mask
 
 
@@ -159,7 +159,7 @@ class CAKE(Method):
                                                   n_keep + self.window), layer.fill.shape).astype(jnp.int32)
             room = evict_capacity(size, int(jnp.max(per_head)), ctx.decode_room) - size
             layer = layer.replace(extras={**layer.extras, "cake_budget": per_head})
-            return compact_with_obs(layer, o, keep, size=size, room=room)
+            return compact_ragged(layer, o, keep, size=size, room=room)
 
         return map_global_layers(state, obs, one, per_layer=True)
 

@@ -40,12 +40,13 @@ import numpy as np
 
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
-from kvjax.compress.evict import compact_with_obs, compaction_index, evict_capacity, gather_layer, group_to_kv_heads, \
-    lowest_mask, map_decode_layers, map_global_layers, proportional_budgets
+from kvjax.compress.evict import compact_ragged, compaction_index, evict_capacity, gather_layer, group_to_kv_heads, \
+    lowest_mask, size_bucket, map_decode_layers, map_global_layers, proportional_budgets
 
 _scatter_add = jax.vmap(jax.vmap(lambda buf, idx, upd: buf.at[idx].add(upd)))
 
 
+@functools.partial(jax.jit, static_argnames=("beta", "max_evicted", "max_kept"))
 @functools.partial(jax.jit, static_argnames=("beta", "max_evicted", "max_kept"))
 def merge_evicted(k, v, keep, evicted, tau, tau_set, beta: float, max_evicted: int, max_kept: int | None = None):
     """D2O's compensation: merges up to ``max_evicted`` evicted slots per head into their most similar kept slot.
@@ -194,9 +195,10 @@ class D2O(Method):
                 "d2o_tau_set": jnp.zeros(layer.fill.shape, bool)})
             counts = np.asarray(jnp.stack([jnp.sum(keep, axis=-1), jnp.sum(layer.valid & ~keep, axis=-1)]))
             size, n_evicted = max(1, int(counts[0].max())), max(1, int(counts[1].max()))  # concrete: runs eagerly
-            k, v, ex = self._evict(layer, score, keep, n_evicted, size)
+            k, v, ex = self._evict(layer, score, keep, size_bucket(n_evicted, layer.capacity),
+                                   size_bucket(size, layer.capacity))  # bounds only: bucketed, compiled once each
             room = evict_capacity(size, int(b_l.max()), ctx.decode_room) - size
-            return compact_with_obs(layer.replace(k=k, v=v, extras=ex), o, keep, size=size, room=room)
+            return compact_ragged(layer.replace(k=k, v=v, extras=ex), o, keep, size=size, room=room)
 
         return map_global_layers(state, obs, one, per_layer=True)
 

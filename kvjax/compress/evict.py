@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.state import DenseKV, KVState, StackedLayers, stack_layers, stackable
+from kvjax.state import DenseKV, KVState, StackedLayers, _resize_slots, stack_layers, stackable
 
 BIG = 3e38
 
@@ -285,3 +285,32 @@ def compact_with_obs(layer: DenseKV, obs: dict, keep: jax.Array, size: int, room
     from concrete statistics) that run their prefill eagerly, so that the gathers compile once per size."""
     idx, kept = compaction_index(keep & layer.valid, size)
     return gather_layer(layer, idx, kept, room), gather_obs(obs, idx, kept, room)
+
+
+def size_bucket(n: int, cap: int | None = None, step: int = 64) -> int:
+    """``n`` rounded up to a multiple of ``step`` (at most ``cap``): static bounds for programs compiled once per
+    bucket instead of once per exact count."""
+    b = -(-max(n, 1) // step) * step
+    return b if cap is None else min(b, max(cap, n))
+
+
+_resize_layer = jax.jit(_resize_slots, static_argnames="capacity")
+
+
+@functools.partial(jax.jit, static_argnames="capacity")
+def _resize_obs(obs: dict, capacity: int) -> dict:
+    out = dict(obs)
+    for name in ("colsum", "window"):
+        if name in obs:
+            x = obs[name]
+            pad = [(0, 0)] * x.ndim
+            pad[-1] = (0, max(0, capacity - x.shape[-1]))
+            out[name] = jnp.pad(x[..., :capacity], pad)
+    return out
+
+
+def compact_ragged(layer: DenseKV, obs: dict, keep: jax.Array, size: int, room: int = 0):
+    """:func:`compact_with_obs` for host-side methods whose layers get different sizes (CAKE, D2O, AdaKV): the
+    compaction compiles once per size bucket and the result is cut to exactly ``size + room`` slots."""
+    new, o = compact_with_obs(layer, obs, keep, size=size_bucket(size, layer.capacity), room=0)
+    return _resize_layer(new, capacity=size + room), _resize_obs(o, capacity=size + room)

@@ -81,6 +81,9 @@ def validate(config) -> tuple[list[harness.Variant], dict]:
 
 
 def build_groups(lm, tasks: dict, style: str, default_max_new: int) -> list[TaskGroup]:
+    """Task groups (task x length), their prompts left-padded to one length per requested context length across
+    tasks: every compiled program (compression, decoding) then serves all the tasks of that length. The full cache's
+    bytes include those few masked slots (the prompts are within ~2% of the requested length)."""
     groups = []
     for tname, spec in tasks.items():
         for n in spec["context_tokens"]:
@@ -88,6 +91,11 @@ def build_groups(lm, tasks: dict, style: str, default_max_new: int) -> list[Task
                              list(spec.get("seeds", [0])), lm.tokenizer.count, **dict(spec.get("kwargs", {})))
             groups.append(TaskGroup(tname, n, harness.prepare_examples(lm, examples, style),
                                     int(spec.get("max_new_tokens", default_max_new))))
+    for n in {g.context_tokens for g in groups}:
+        same = [g for g in groups if g.context_tokens == n]
+        t = max(len(p.tokens) for g in same for p in g.prepared)
+        for g in same:
+            g.prepared = harness.pad_prepared(g.prepared, t)
     return groups
 
 

@@ -166,6 +166,18 @@ def prepare_examples(lm, examples: list[Example], style: str, answer_len: int = 
     return out
 
 
+def pad_prepared(prepared: list[Prepared], length: int) -> list[Prepared]:
+    """Left-pads prepared prompts further to ``length`` tokens (masked), so that groups of different tasks share one
+    prompt shape and hence every compiled program."""
+    out = []
+    for p in prepared:
+        extra = length - len(p.tokens)
+        if extra < 0:
+            raise ValueError(f"cannot pad a {len(p.tokens)}-token prompt to {length} tokens")
+        out.append(dataclasses.replace(p, tokens=np.pad(p.tokens, (extra, 0)), mask=np.pad(p.mask, (extra, 0))))
+    return out
+
+
 def answer_logprob(model, params, state, last_logits, answer_ids, answer_mask, method=None, ctx=None) -> float:
     """Teacher-forced log p(answer | compressed context), summed over the answer's tokens.
 
