@@ -3,7 +3,7 @@
 Every eviction / merging method at 128 tokens per layer and head (1/8 of a 1K-token prompt), every quantizer at its
 paper's default bit width (KIVI 2-bit, GEAR 4-bit, MiKV 16/2-bit, RotateKV 2-bit) and plain int8 / int4. Tasks: passkey
 and single-needle retrieval at ~1K tokens (Shakespeare filler, one example each, prompts padded to one shape) and the
-perplexity of 64 Shakespeare tokens after a 512-token compressed context (two segments; methods with a decode phase
+perplexity of 64 Shakespeare tokens after a 512-token compressed context (one segment; methods with a decode phase
 are scored token by token through their cache). Reported per method: quality, KV bytes, compression ratio and decode
 speed against the full cache of the same run.
 
@@ -42,6 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
                     "kwargs": {"filler": "shakespeare"}},
     })
     c.perplexity = ml_collections.ConfigDict({
-        "enabled": True, "corpus": "shakespeare", "context_tokens": 512, "eval_tokens": 64, "n_segments": 2,
+        "enabled": True, "corpus": "shakespeare", "context_tokens": 512, "eval_tokens": 64, "n_segments": 1,
         "mode": "chunk"})
     return c

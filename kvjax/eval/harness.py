@@ -23,6 +23,7 @@ example instead of one per (method, example).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -41,6 +42,7 @@ from kvjax.generate import SamplingConfig, compress_prefilled, decode_loop, prec
 from kvjax.state import nbytes
 
 PPL_TASK = "perplexity"
+_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvjax-compile")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,11 +256,14 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
     method = None if variant.is_full else variant.method
     streaming = method if (method is not None and method.has_decode()) else None
     ctx = Context(cfg=model.cfg, decode_room=room, prompt_len=len(prep.tokens)) if streaming else None
-    logp = answer_logprob(model, params, state, logits, prep.answer_ids, prep.answer_mask, streaming, ctx)
     args = (model, params, logits, state, jax.random.PRNGKey(0), max_new_tokens, SamplingConfig(),
             tuple(lm.stop_tokens()), streaming, ctx)
-    if precompile:
-        decode_loop.lower(*args).compile()
+    # The decoding program compiles in a second thread while the answer's log-prob is computed (and its program
+    # compiled) in this one: XLA compiles a program on one core, and compilation dominates short CPU runs.
+    pending = _COMPILER.submit(lambda: decode_loop.lower(*args).compile()) if precompile else None
+    logp = answer_logprob(model, params, state, logits, prep.answer_ids, prep.answer_mask, streaming, ctx)
+    if pending is not None:
+        pending.result()
     t2 = time.perf_counter()
     out, lengths, state = decode_loop(*args)
     _ready(out)
