@@ -160,27 +160,43 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
     ppl_ref = None
     precompile = bool(c.get("precompile", True))
     bar = tqdm(total=n_todo, desc="cells", disable=not progress, dynamic_ncols=True)
+    # Prompts are processed in groups of one shape (the perplexity batch; the prompts of one context length): the
+    # group is prefilled once, then each method variant runs on all its prompts before the next variant starts, and
+    # the compiled programs are dropped between variants. A method's programs thus serve every prompt of the shape
+    # (one compilation per variant and group), only one group's prefilled states are held at a time, and XLA's CPU
+    # executables (~600 memory maps each) never pile up to the kernel's map limit (65530 by default) in long runs.
+    shape_groups: dict[tuple, list[int]] = {}
+    for i, (unit, _) in enumerate(todo):
+        shape_groups.setdefault(("ppl",) if unit[0] == "ppl" else ("gen", unit[1].context_tokens), []).append(i)
     f = open(results_path, "a") if writer else None
     try:
-        for unit, vs in todo:
-            kind, g, p = unit
-            where = "perplexity" if kind == "ppl" else f"{g.task}@{g.context_tokens}"
-            bar.set_postfix_str(f"prefill {where}")
-            prefilled = _prefill(lm, unit, variants, ppl, segments, precompile)
-            if kind == "ppl" and full is not None:
-                _, ppl_ref = harness.run_perplexity_cell(lm, full, segments, int(ppl["context_tokens"]),
-                                                         ppl.get("mode", "chunk"), None, prefilled, precompile)
-            for v in vs:
-                bar.set_postfix_str(f"{v.label} {where}")
-                row = _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled, precompile)
-                row.update(key=_key(unit, v), label=v.label, method=v.method.name, method_desc=v.method.describe(),
-                           warm=precompile, model=lm.name, time=time.time(), **_memory())
-                rows.append(row)
-                if f is not None:
-                    f.write(json.dumps(row, default=_json_default) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                bar.update(1)
+        for members in shape_groups.values():
+            prefilled = {}
+            for i in members:
+                unit = todo[i][0]
+                bar.set_postfix_str("prefill " + _where(unit))
+                prefilled[i] = _prefill(lm, unit, variants, ppl, segments, precompile)
+                if unit[0] == "ppl" and full is not None:
+                    _, ppl_ref = harness.run_perplexity_cell(lm, full, segments, int(ppl["context_tokens"]),
+                                                             ppl.get("mode", "chunk"), None, prefilled[i], precompile)
+            for v in ordered:
+                for i in members:
+                    unit, vs = todo[i]
+                    if v not in vs:
+                        continue
+                    bar.set_postfix_str(f"{v.label} {_where(unit)}")
+                    row = _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled[i], precompile)
+                    row.update(key=_key(unit, v), label=v.label, method=v.method.name,
+                               method_desc=v.method.describe(), warm=precompile, model=lm.name, time=time.time(),
+                               **_memory())
+                    rows.append(row)
+                    if f is not None:
+                        f.write(json.dumps(row, default=_json_default) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                    bar.update(1)
+                jax.clear_caches()
+            del prefilled
     finally:
         bar.close()
         if f is not None:
@@ -193,6 +209,11 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
         print(f"\nresults: {results_path}\nsummary: {os.path.join(run_dir, 'summary.csv')}\n"
               f"plot:    {os.path.join(run_dir, 'quality_vs_bytes.png')}")
     return summary
+
+
+def _where(unit) -> str:
+    kind, g, _ = unit
+    return "perplexity" if kind == "ppl" else f"{g.task}@{g.context_tokens}"
 
 
 def _key(unit, v) -> str:
