@@ -175,19 +175,27 @@ def _slot_aligned(layer: DenseKV, x: Array) -> bool:
     return x.ndim >= 3 and x.shape[:2] == layer.pos.shape[:2] and x.shape[2] == layer.capacity
 
 
-def _resize_slots(layer: DenseKV, capacity: int) -> DenseKV:
-    """``layer`` with ``capacity`` slots: padded with empty slots (pos -1) or cut (slot-aligned extras follow)."""
-    c = layer.capacity
+def _fit_axis(x, capacity: int, axis: int, value=0, xp=jnp):
+    """``x`` cut or padded (with ``value``) along ``axis`` to ``capacity``; ``xp`` is ``jnp`` or ``numpy``."""
+    axis = axis % x.ndim
+    if x.shape[axis] >= capacity:
+        return x[(slice(None),) * axis + (slice(0, capacity),)]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, capacity - x.shape[axis])
+    return xp.pad(x, pad, constant_values=value)
 
-    def fit(x, value=0):
-        if capacity <= c:
-            return x[:, :, :capacity]
-        pad = [(0, 0)] * x.ndim
-        pad[2] = (0, capacity - c)
-        return jnp.pad(x, pad, constant_values=value)
 
+def resize_slots(layer: DenseKV, capacity: int, xp=jnp) -> DenseKV:
+    """``layer`` with ``capacity`` slots: padded with empty slots (pos -1) or cut (slot-aligned extras follow).
+    With ``xp=numpy`` on a layer of numpy arrays it runs on the host (no XLA program per distinct size)."""
+    fit = functools.partial(_fit_axis, capacity=capacity, axis=2, xp=xp)
     extras = {n: fit(x) if _slot_aligned(layer, x) else x for n, x in layer.extras.items()}
-    return layer.replace(k=fit(layer.k), v=fit(layer.v), pos=fit(layer.pos, -1), extras=extras)
+    return layer.replace(k=fit(layer.k), v=fit(layer.v), pos=fit(layer.pos, value=-1), extras=extras)
+
+
+def resize_obs(obs: dict, capacity: int, xp=jnp) -> dict:
+    """A layer's observations (``colsum`` / ``window``: slot axis last) cut or zero-padded to ``capacity`` slots."""
+    return {n: (_fit_axis(x, capacity, -1, xp=xp) if n in ("colsum", "window") else x) for n, x in obs.items()}
 
 
 def pad_stack(layers) -> tuple[StackedLayers, tuple[int, ...]] | None:
@@ -201,21 +209,16 @@ def pad_stack(layers) -> tuple[StackedLayers, tuple[int, ...]] | None:
         return None
     caps = tuple(l.capacity for l in layers)
     cmax = max(caps)
-    shapes = [jax.eval_shape(functools.partial(_resize_slots, capacity=cmax), l) for l in layers]
+    shapes = [jax.eval_shape(functools.partial(resize_slots, capacity=cmax), l) for l in layers]
     if not stackable(shapes):
         return None
-    return stack_layers([_resize_slots(l, cmax) for l in layers]), caps
-
-
-def unpad_obs(obs: dict, capacity: int) -> dict:
-    """A layer's observations (``colsum`` / ``window``: slot axis last) cut back to its own ``capacity``."""
-    return {n: (x[..., :capacity] if n in ("colsum", "window") else x) for n, x in obs.items()}
+    return stack_layers([resize_slots(l, cmax) for l in layers]), caps
 
 
 def unpad_unstack(stacked: StackedLayers, caps: tuple[int, ...]) -> tuple:
     """Inverse of :func:`pad_stack`: the layers back at their own capacities (tokens decoded meanwhile included, as
     long as each layer had room for them, which compression methods guarantee)."""
-    return tuple(_resize_slots(l, c) for l, c in zip(stacked.unstack(), caps))
+    return tuple(resize_slots(l, c) for l, c in zip(stacked.unstack(), caps))
 
 
 def init_dense_layer(batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype=jnp.float32, *,

@@ -90,13 +90,13 @@ def test_layers_differing_in_capacity_scan_padded_like_unrolled(tiny, monkeypatc
     import kvjax.generate as gen
     import kvjax.models.llama as llama
     from kvjax.attention import Observe
-    from kvjax.state import _resize_slots
+    from kvjax.state import resize_slots
 
     model, params = tiny
     prompt = jnp.asarray([[5, 9, 2, 7, 11, 3, 8, 1]], jnp.int32)
     _, state, _ = model.jit_forward(params, prompt, model.init_state(1, 20), logits="last")
     caps = [14 + 2 * i for i in range(len(state.layers))]
-    state = state.replace(layers=tuple(_resize_slots(l, c) for l, c in zip(state.layers, caps)))
+    state = state.replace(layers=tuple(resize_slots(l, c) for l, c in zip(state.layers, caps)))
     nxt = jnp.asarray([[4, 6]], jnp.int32)
 
     def run():

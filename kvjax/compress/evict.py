@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.state import DenseKV, KVState, StackedLayers, _resize_slots, stack_layers, stackable
+from kvjax.state import DenseKV, KVState, StackedLayers, resize_obs, resize_slots, stack_layers, stackable
 
 BIG = 3e38
 
@@ -295,33 +295,13 @@ def size_bucket(n: int, cap: int | None = None, step: int = 64) -> int:
     return b if cap is None else min(b, max(cap, n))
 
 
-def _fit_host(x, capacity: int, axis: int, value=0):
-    """Host-side (numpy) cut or pad of ``x`` along ``axis`` to ``capacity``: no XLA program per distinct size."""
-    x = np.asarray(x)
-    if x.shape[axis] >= capacity:
-        return jnp.asarray(np.take(x, np.arange(capacity), axis=axis))
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, capacity - x.shape[axis])
-    return jnp.asarray(np.pad(x, pad, constant_values=value))
-
-
-def _resize_host(layer: DenseKV, obs: dict, capacity: int):
-    c = layer.capacity
-    aligned = lambda x: x.ndim >= 3 and x.shape[:2] == layer.pos.shape[:2] and x.shape[2] == c  # noqa: E731
-    extras = {n: _fit_host(x, capacity, 2) if aligned(x) else x for n, x in layer.extras.items()}
-    new = layer.replace(k=_fit_host(layer.k, capacity, 2), v=_fit_host(layer.v, capacity, 2),
-                        pos=_fit_host(layer.pos, capacity, 2, -1), extras=extras)
-    o = {n: (_fit_host(x, capacity, x.ndim - 1) if n in ("colsum", "window") else x) for n, x in obs.items()}
-    return new, o
-
-
 def compact_ragged(layer: DenseKV, obs: dict, keep: jax.Array, size: int, room: int = 0):
     """:func:`compact_with_obs` for host-side methods whose layers get different sizes (CAKE, D2O, AdaKV): the
     compaction compiles once per size bucket and the result is cut to exactly ``size + room`` slots on the host
     (programs compiled per exact size would pile up: XLA's CPU backend runs out of memory maps after thousands)."""
     new, o = compact_with_obs(layer, obs, keep, size=size_bucket(size, layer.capacity), room=0)
     if isinstance(keep, jax.core.Tracer):  # traced (inside a jitted chain): static shapes, cut in the program
-        cap = size + room
-        fit = lambda x: jnp.pad(x[..., :cap], [(0, 0)] * (x.ndim - 1) + [(0, max(0, cap - x.shape[-1]))])  # noqa
-        return _resize_slots(new, cap), {n: (fit(x) if n in ("colsum", "window") else x) for n, x in o.items()}
-    return _resize_host(new, o, size + room)
+        return resize_slots(new, size + room), resize_obs(o, size + room)
+    host = lambda t: jax.tree_util.tree_map(np.asarray, t)  # noqa: E731
+    new, o = resize_slots(host(new), size + room, xp=np), resize_obs(host(o), size + room, xp=np)
+    return jax.tree_util.tree_map(jnp.asarray, new), jax.tree_util.tree_map(jnp.asarray, o)

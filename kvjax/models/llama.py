@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from kvjax.attention import Observe, attend
 from kvjax.config import ModelConfig
 from kvjax.rope import apply_rope, dynamic_inv_frequencies, inv_frequencies
-from kvjax.state import KVState, StackedLayers, pad_stack, stack_layers, stackable, unpad_obs, unpad_unstack
+from kvjax.state import KVState, StackedLayers, pad_stack, resize_obs, stack_layers, stackable, unpad_unstack
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -126,7 +126,7 @@ def run_layers(layer_fn, x, param_layers, cache_layers):
         n = len(StackedLayers(sc))
         obs = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], obs) for i in range(n))
         if caps is not None:
-            return x, unpad_unstack(StackedLayers(sc), caps), tuple(unpad_obs(o, c) for o, c in zip(obs, caps))
+            return x, unpad_unstack(StackedLayers(sc), caps), tuple(resize_obs(o, c) for o, c in zip(obs, caps))
         layers = StackedLayers(sc) if isinstance(cache_layers, StackedLayers) else StackedLayers(sc).unstack()
         return x, layers, obs
     new_layers, all_obs = [], []
