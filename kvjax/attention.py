@@ -123,6 +123,15 @@ def attend(q: jax.Array, layer, q_pos: jax.Array, *, sm_scale: float | None = No
         v = jnp.concatenate([v, ev.astype(v.dtype)], axis=2)
         k_pos = jnp.concatenate([k_pos, ep], axis=2)
     if impl == "pallas" and not observe and q.shape[2] <= 16:
+        from kvjax.sharding import current_kernel_mesh  # noqa: PLC0415
+
+        mesh = current_kernel_mesh()
+        if mesh is not None:  # a sharded model: one kernel per shard, split-K across sequence shards
+            from pallas_kernels.sharded import sharded_decode_attention  # noqa: PLC0415
+
+            out = sharded_decode_attention(q, k, v, k_pos, q_pos, mesh=mesh, sm_scale=sm_scale, window=layer.window,
+                                           logit_softcap=softcap)
+            return out, {}
         from pallas_kernels.decode_attention import decode_attention  # noqa: PLC0415
 
         out = decode_attention(q, k, v, k_pos, q_pos, sm_scale=sm_scale, window=layer.window, logit_softcap=softcap)

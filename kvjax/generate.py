@@ -158,7 +158,7 @@ def stack_for_loop(model: Model, params, state: KVState):
     from kvjax.models import llama  # noqa: PLC0415
     from kvjax.state import pad_stack, stack_layers, stackable  # noqa: PLC0415
 
-    if model.forward_impl is not llama.forward or not stackable(params["layers"]):
+    if getattr(model.forward_impl, "raw", model.forward_impl) is not llama.forward or not stackable(params["layers"]):
         return params, state, None
     params = {**params, "layers": stack_layers(params["layers"])}
     if stackable(state.layers):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,22 +33,50 @@ class Model:
     """A decoder model config bound to its forward function. Hashable, so it can be a static jit argument.
 
     ``impl`` selects the attention implementation: ``"reference"`` (jnp) or ``"pallas"`` (kernels).
+    ``mesh`` (a :func:`kvjax.sharding.make_mesh` mesh, or None): the forward keeps the KV state sharded by
+    :mod:`kvjax.sharding`'s rules and runs Pallas decode attention per shard; ``init_state`` places the new state on
+    the mesh. Params are placed with :func:`kvjax.sharding.shard_params` (or :meth:`shard_params`).
     """
 
     cfg: ModelConfig
     impl: str = "reference"
+    mesh: Any = None
 
     def __post_init__(self):
         if self.impl not in ("reference", "pallas"):
             raise ValueError(f"unknown attention impl {self.impl!r}; choose 'reference' or 'pallas'")
+        if self.mesh is not None:
+            from kvjax import sharding  # noqa: PLC0415
+
+            sharding.validate_mesh(self.mesh, self.cfg)
 
     @property
     def forward_impl(self):
-        return forward_fn(self.cfg)
+        if self.mesh is None:
+            return forward_fn(self.cfg)
+        return _sharded_forward(forward_fn(self.cfg), self.mesh)
 
     def init_state(self, batch: int, capacity: int, dtype=jnp.float32, *, local_ring: bool = True) -> KVState:
-        """An empty full KV cache with ``capacity`` slots per global layer (see :func:`kvjax.state.init_state`)."""
-        return init_state(self.cfg, batch, capacity, dtype, local_ring=local_ring)
+        """An empty full KV cache with ``capacity`` slots per global layer (see :func:`kvjax.state.init_state`);
+        on the model's mesh, sharded by the rules."""
+        state = init_state(self.cfg, batch, capacity, dtype, local_ring=local_ring)
+        return state if self.mesh is None else self.shard_state(state)
+
+    def shard_state(self, state: KVState) -> KVState:
+        """``state`` placed on the model's mesh by :func:`kvjax.sharding.state_specs` (unchanged without a mesh)."""
+        if self.mesh is None:
+            return state
+        from kvjax import sharding  # noqa: PLC0415
+
+        return sharding.shard_state(state, self.mesh, self.cfg)
+
+    def shard_params(self, params):
+        """``params`` placed on the model's mesh by :func:`kvjax.sharding.param_specs` (unchanged without a mesh)."""
+        if self.mesh is None:
+            return params
+        from kvjax import sharding  # noqa: PLC0415
+
+        return sharding.shard_params(params, self.mesh, self.cfg)
 
     def check_inputs(self, tokens, state: KVState, token_mask=None) -> None:
         """Raises a clear error for malformed tokens, masks, or a chunk that does not fit in the cache."""
@@ -141,3 +170,10 @@ def _jit_decode_step(model, params, token, state):
 def _jit_forward(model, params, tokens, state, token_mask, observe, logits):
     return model.forward_impl(model.cfg, params, tokens, state, token_mask, observe=observe, impl=model.impl,
                               logits=logits)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_forward(raw, mesh):
+    from kvjax import sharding  # noqa: PLC0415
+
+    return sharding.sharded_forward(raw, mesh)
