@@ -9,7 +9,9 @@ Observations (``Observe``) are returned per layer as a dict:
 * ``"colsum"`` ``(B, Hq, S)``: attention probability each key slot received, summed over the call's valid queries
   (what H2O / Scissorhands / CAKE accumulate);
 * ``"window"`` ``(B, Hq, W, S)``: the probabilities of the call's last ``W`` queries (SnapKV's observation window);
-* ``"window_q"`` ``(B, Hq, W, D)``: those queries themselves, post-RoPE (ThinK scores key channels with them).
+* ``"window_q"`` ``(B, Hq, W, D)``: those queries themselves, post-RoPE (ThinK scores key channels with them);
+* ``"qkv"`` ``(B, T, (Hq + 2 Hkv) D)``: the call's queries, keys and values before RoPE, concatenated per token
+  (``Observe(inputs=True)``; the input of Locret's retaining heads). Added by the model's attention block.
 
 ``S`` is the key axis the call attended over: the cache slots (after the new tokens were written).
 """
@@ -30,9 +32,10 @@ class Observe:
 
     window: int = 0  # last-W-query probabilities and queries; 0 = none
     colsum: bool = False  # accumulated attention per key slot
+    inputs: bool = False  # the layer's attention inputs: pre-RoPE q, k, v of the call's tokens (Locret's heads)
 
     def __bool__(self) -> bool:
-        return bool(self.window or self.colsum)
+        return bool(self.window or self.colsum or self.inputs)
 
 
 def visibility(q_pos: jax.Array, k_pos: jax.Array, window: int = 0) -> jax.Array:
@@ -153,6 +156,8 @@ def restrict_observations(obs: tuple[dict, ...], observe: Observe) -> tuple[dict
         r = {}
         if observe.colsum and "colsum" in o:
             r["colsum"] = o["colsum"]
+        if observe.inputs and "qkv" in o:
+            r["qkv"] = o["qkv"]
         if observe.window and "window" in o:
             # (A prompt shorter than the window gives fewer rows; slicing then keeps them all.)
             r["window"] = o["window"][:, :, -observe.window:]

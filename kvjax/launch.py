@@ -1,5 +1,8 @@
 """Command-line entry point: ``python -m kvjax.launch --config=configs/quickstart.py [--config.x=y ...]``.
 
+Configs with a ``train`` section (``configs/locret_train.py``, ``configs/duo_train.py``) run a training
+(:mod:`kvjax.train.run`) instead of an evaluation.
+
 Flags: ``--config`` (an ml_collections config file; any field can be overridden on the command line, e.g.
 ``--config.methods.snapkv.budget="(256,512)"`` or ``--config.run_dir=runs/mine``), ``--distributed`` (call
 ``jax.distributed.initialize()`` first, for multi-host TPU pods; only process 0 writes files), ``--progress``.
@@ -24,6 +27,9 @@ def main(argv) -> int:
     del argv
     import jax
 
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint step at INFO
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     if _COMPILE_CACHE.value:
@@ -32,7 +38,15 @@ def main(argv) -> int:
     from kvjax.eval.experiment import ConfigError, run_experiment
 
     try:
-        run_experiment(_CONFIG.value, progress=_PROGRESS.value)
+        if "train" in _CONFIG.value:  # a training run (kvjax.train.run): configs/locret_train.py, duo_train.py
+            from kvjax.train.run import run_training
+
+            try:
+                run_training(_CONFIG.value, progress=_PROGRESS.value)
+            except ValueError as e:  # bad config values, mismatched / corrupt checkpoints (CheckpointError)
+                raise ConfigError(str(e)) from None
+        else:
+            run_experiment(_CONFIG.value, progress=_PROGRESS.value)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kvjax.launch: error: {e}", file=sys.stderr)
         return 2

@@ -43,7 +43,8 @@ class Context:
 
 
 def merge_observe(*obs: Observe) -> Observe:
-    return Observe(window=max([o.window for o in obs] or [0]), colsum=any(o.colsum for o in obs))
+    return Observe(window=max([o.window for o in obs] or [0]), colsum=any(o.colsum for o in obs),
+                   inputs=any(o.inputs for o in obs))
 
 
 class Method:

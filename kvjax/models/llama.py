@@ -54,6 +54,8 @@ def attention_block(cfg: ModelConfig, p: dict, h: jax.Array, layer, pos: jax.Arr
     v = _proj(h, p, "v").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if qk_norm is not None:
         q, k = qk_norm(q, k)
+    qkv = jnp.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], -1) \
+        if observe.inputs else None
     q = apply_rope(q, rope_pos, inv_freq).transpose(0, 2, 1, 3)
     k = apply_rope(k, rope_pos, inv_freq).transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
@@ -69,6 +71,8 @@ def attention_block(cfg: ModelConfig, p: dict, h: jax.Array, layer, pos: jax.Arr
     else:
         layer = layer.append(k, v, pos)
         out, obs = attend(q, layer, pos, sm_scale=sm_scale, softcap=softcap, observe=observe, impl=impl)
+        if qkv is not None:
+            obs = {**obs, "qkv": qkv}
     out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.num_heads * cfg.head_dim)
     return out @ p["o"], layer, obs
 
