@@ -143,17 +143,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 
 def data_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh with a ``"data"`` axis over the first ``num_devices`` devices (all by default).
+    """The mesh of :func:`kvjax.sharding.make_mesh` with ``num_devices`` (all by default) on its ``"data"`` axis
+    (``model`` and ``sequence`` of size 1): pure data parallelism."""
+    from kvjax.sharding import make_mesh  # noqa: PLC0415
 
-    Uses :func:`kvjax.sharding.make_mesh` when that module exists (it builds meshes from configs); otherwise a plain
-    :class:`jax.sharding.Mesh` (Auto axes, so jit propagates shardings)."""
-    devs = jax.devices()
-    n = len(devs) if num_devices is None else int(num_devices)
-    if not 1 <= n <= len(devs):
-        raise ValueError(f"data-parallel devices must be in [1, {len(devs)}], got {n}")
-    import numpy as np  # noqa: PLC0415
-
-    return jax.sharding.Mesh(np.asarray(devs[:n]), ("data",))
+    n = len(jax.local_devices()) if num_devices is None else int(num_devices)
+    if n < 1:
+        raise ValueError(f"data-parallel devices must be >= 1, got {n}")
+    return make_mesh(f"data:{n}")
 
 
 def eval_loss(loss_fn: LossFn):
