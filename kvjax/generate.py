@@ -278,7 +278,7 @@ def prefill_chunked(model: Model, params, prompt: jax.Array, method=None, *, chu
         last = j == len(bounds) - 2
         room = decode_room if last else bounds[j + 2] - hi
         ctx = Context(cfg=model.cfg, decode_room=room, params=params, prompt_len=t)
-        if j == 0:
+        if j == 0 and scores_fn is None:
             method.validate(ctx)
         if scores_fn is not None:
             state, _ = method.evict_given(state, obs, ctx, scores_fn(j, obs), final=last)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import kvjax
 from kvjax.attention import Observe
 from kvjax.compress import Context, available_methods, chain, get_method
+from kvjax.compress.locret import RetainingHeads, init_heads
 from kvjax.config import ModelConfig
 from kvjax.generate import _apply_prefill
 from kvjax.state import DenseKV, KVState
@@ -52,7 +53,9 @@ FACTORIES = {
     "d2o": lambda b: get_method("d2o", budget=b, n_sink=1),
     "kvcrush": lambda b: get_method("kvcrush", budget=b, base=get_method("snapkv", window=W, kernel=3),
                                     anchor="alternate"),
+    "locret": lambda b: get_method("locret", budget=b, chunk_size=T, stabilizers=1, local_len=1, heads=LOCRET_HEADS),
 }
+LOCRET_HEADS = RetainingHeads(init_heads(CFG, jax.random.PRNGKey(0), 16))  # random retaining heads (Locret)
 LAYER_ADAPTIVE = {"pyramidkv", "cake", "d2o"}  # per-layer budgets: the average over layers is the budget
 MERGING = {"d2o"}  # stored values may be merges of several tokens
 CTX = Context(cfg=CFG, decode_room=ROOM, prompt_len=T)
@@ -109,6 +112,8 @@ def synthetic_state(rng, pads=(0, 0), observe=None, temperature=2.0):
             w = min(observe.window, t)
             o["window"] = jnp.asarray(p[:, :, t - w:], jnp.float32)
             o["window_q"] = jnp.asarray(rng.normal(size=(b, HQ, w, D)), jnp.float32)
+        if observe.inputs:  # pre-RoPE q, k, v of the prompt's tokens (Locret's retaining heads read them)
+            o["qkv"] = jnp.asarray(rng.normal(size=(b, t, (HQ + 2 * HKV) * D)), jnp.float32)
         layers.append(DenseKV(k=jnp.asarray(k), v=jnp.asarray(v),
                               pos=jnp.asarray(np.broadcast_to(pos[:, None], (b, HKV, t)).copy()),
                               fill=jnp.full((b, HKV), t, jnp.int32)))
