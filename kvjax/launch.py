@@ -7,6 +7,12 @@ Flags: ``--config`` (an ml_collections config file; any field can be overridden 
 ``--config.methods.snapkv.budget="(256,512)"`` or ``--config.run_dir=runs/mine``), ``--distributed`` (call
 ``jax.distributed.initialize()`` first, for multi-host TPU pods; only process 0 writes files), ``--progress``.
 Exit code 2 with a one-line message for an invalid config.
+
+Listings (nothing is loaded or run): ``--list_methods`` (every registered method with its family, hyper-parameters,
+defaults and paper), ``--list_tasks`` (every task with its options), ``--dry_run`` (the cells ``--config`` would run,
+how many are already done, and an estimated time; see :mod:`kvjax.eval.plan`).
+
+A finished run directory holds ``report.md`` (tables and the quality-vs-bytes plot, see :mod:`kvjax.eval.report`).
 """
 from __future__ import annotations
 
@@ -19,12 +25,32 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "experiment config file")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "initialize jax.distributed (multi-host pods)")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show progress bars")
+_LIST_METHODS = flags.DEFINE_bool("list_methods", False, "list every registered method and exit")
+_LIST_TASKS = flags.DEFINE_bool("list_tasks", False, "list every task and exit")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the cells --config would run and an estimated time, then exit")
 _COMPILE_CACHE = flags.DEFINE_string("compile_cache", os.path.expanduser("~/.cache/kvjax/xla"),
                                      "persistent XLA compilation cache directory ('' to disable)")
 
 
 def main(argv) -> int:
     del argv
+    from kvjax.eval import plan
+
+    if _LIST_METHODS.value:
+        print(plan.format_methods(plan.method_catalog()))
+        return 0
+    if _LIST_TASKS.value:
+        print(plan.format_tasks(plan.task_catalog()))
+        return 0
+    from kvjax.eval.experiment import ConfigError
+
+    if _DRY_RUN.value:
+        try:
+            print(plan.plan_experiment(_CONFIG.value).format())
+        except ConfigError as e:
+            print(f"kvjax.launch: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     import jax
 
     from absl import logging as absl_logging

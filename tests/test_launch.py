@@ -31,8 +31,10 @@ def finished_run(tmp_path_factory):
 
 def test_outputs_written(finished_run):
     run_dir, summary = finished_run
-    for name in ("config.json", "results.jsonl", "summary.csv", "summary.json", "quality_vs_bytes.png"):
+    for name in ("config.json", "results.jsonl", "summary.csv", "summary.json", "quality_vs_bytes.png", "report.md"):
         assert (run_dir / name).exists(), name
+    report = open(run_dir / "report.md").read()
+    assert "![quality vs KV bytes](quality_vs_bytes.png)" in report and "| passkey | 96 | snapkv[budget=48] |" in report
     rows = [json.loads(l) for l in open(run_dir / "results.jsonl")]
     # 4 method variants... 3 variants x (2 passkey examples + 1 perplexity cell)
     assert len(rows) == 9
@@ -96,3 +98,57 @@ def test_report_renders_markdown(finished_run):
     assert table.count("\n") == len(summary) + 1 and "| perplexity |" in table and "snapkv[budget=48]" in table
     assert main([str(run_dir)]) == 0
     assert main([str(run_dir / "missing")]) == 2
+
+
+def _launch_in_process(argv, capsys):
+    """``python -m kvjax.launch ARGV`` in this process (absl flags parsed, then reset): (exit code, stdout, stderr)."""
+    from absl import flags
+
+    from kvjax import launch
+
+    flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["kvjax.launch", *argv])
+        capsys.readouterr()
+        rc = launch.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_list_methods_tasks_and_dry_run(tmp_path, capsys):
+    from kvjax.compress import available_methods
+
+    rc, out, _ = _launch_in_process(["--list_methods"], capsys)
+    assert rc == 0
+    listed = [l.split()[0] for l in out.splitlines() if l and not l.startswith(" ")]
+    assert listed == available_methods()
+    assert '"SnapKV: LLM Knows What You are Looking for Before Generation", arXiv 2404.14469' in out
+    assert "budget=1024, window=32, kernel=5, pooling='avgpool'" in out
+    rc, out, _ = _launch_in_process(["--list_tasks"], capsys)
+    assert rc == 0 and "niah_multikey" in out and "key_digits=5" in out
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"import sys\nsys.path.insert(0, {ROOT + '/configs'!r})\nimport tiny\n\n\ndef get_config():\n"
+                   "    c = tiny.get_config()\n    c.methods.snapkv.budget = (500,)\n    return c\n")
+    rc, out, err = _launch_in_process(["--dry_run", f"--config={bad}"], capsys)
+    assert rc == 2 and "budget 500 is larger than the context" in err
+    # the real command line, once
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "kvjax.launch", "--dry_run", f"--config={ROOT}/configs/tiny.py",
+                        f"--config.run_dir={tmp_path}/out", "--config.methods.snapkv.budget=(40,48)"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    # 4 variants x (2 passkey examples + 1 perplexity cell)
+    assert "12 cells (0 already in results.jsonl, 12 to run) in 2 prompt shape(s)" in r.stdout
+    assert "snapkv[budget=40]" in r.stdout and "estimated time: ~" in r.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_counts_finished_cells(finished_run):
+    from kvjax.eval.plan import plan_experiment
+
+    run_dir, _ = finished_run
+    p = plan_experiment(_config(run_dir))
+    assert (p.n_cells, p.n_done, p.shape_groups) == (9, 9, 2)
+    assert ("streaming_llm", "passkey", 96, 2) in p.rows

@@ -52,6 +52,8 @@ class Method:
 
     name: ClassVar[str] = "identity"
     kind: ClassVar[str] = "dense"  # what the method leaves in the state
+    # One of FAMILIES, for tables and plots; "" = derived by method_family() from kind and phases.
+    family: ClassVar[str] = ""
     needs_dense: ClassVar[bool] = True  # it reads/gathers float keys and values
     every: int = 1  # decode hook period (only methods with a decode phase use it)
     # The decode phase accepts a StackedLayers cache (it maps over layers with evict.map_decode_layers), so the decode
@@ -163,6 +165,25 @@ class Chain(Method):
         return " -> ".join(m.describe() for m in self.methods)
 
 
+FAMILIES = ("eviction", "decode-time eviction", "merging", "quantization", "composed")
+
+
+def method_family(method: Method | type[Method]) -> str:
+    """The family a method belongs to (plots give each its own marker): its ``family`` if set, else ``"composed"``
+    for chains, ``"full"`` for the full cache, ``"quantization"`` for methods that leave a non-dense cache,
+    ``"decode-time eviction"`` for methods with a decode phase and ``"eviction"`` for the rest."""
+    cls = method if isinstance(method, type) else type(method)
+    if cls.family:
+        return cls.family
+    if issubclass(cls, Chain):
+        return "composed"
+    if issubclass(cls, Identity):
+        return "full"
+    if cls.kind != "dense":
+        return "quantization"
+    return "decode-time eviction" if cls.decode is not Method.decode else "eviction"
+
+
 def chain(*methods: Method) -> Method:
     """Composes methods left to right (a single method is returned as is)."""
     return methods[0] if len(methods) == 1 else Chain(tuple(methods))
@@ -172,9 +193,13 @@ _REGISTRY: dict[str, type[Method]] = {"full": Identity}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: makes ``cls`` available to :func:`get_method` under ``cls.name``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} is already registered")
+    """Class decorator: makes ``cls`` available to :func:`get_method` under ``cls.name``.
+
+    Re-running the definition of the same class (same module and qualified name, e.g. a notebook cell executed
+    again) replaces the earlier version; another class under a taken name is refused."""
+    old = _REGISTRY.get(cls.name)
+    if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"method name {cls.name!r} is already registered (by {old.__module__}.{old.__qualname__})")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -122,6 +122,7 @@ class D2O(Method):
     merge: bool = True  # the compensation mechanism (False: plain eviction)
     gqa_reduce: str = "mean"
     name: ClassVar[str] = "d2o"
+    family: ClassVar[str] = "merging"
     stacked_decode: ClassVar[bool] = True
     jittable: ClassVar[bool] = False
 

@@ -207,7 +207,8 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
     if progress:
         print(harness.format_table(summary))
         print(f"\nresults: {results_path}\nsummary: {os.path.join(run_dir, 'summary.csv')}\n"
-              f"plot:    {os.path.join(run_dir, 'quality_vs_bytes.png')}")
+              f"plot:    {os.path.join(run_dir, 'quality_vs_bytes.png')}\n"
+              f"report:  {os.path.join(run_dir, 'report.md')}")
     return summary
 
 

@@ -444,38 +444,10 @@ def format_table(summary: list[dict]) -> str:
 
 
 def plot_summary(summary: list[dict], path: str) -> None:
-    """Quality against KV bytes per method, one panel per (task, context length)."""
-    import matplotlib
+    """Quality against KV bytes per method variant (see :func:`kvjax.eval.report.plot_quality_vs_bytes`)."""
+    from kvjax.eval.report import plot_quality_vs_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(s["task"], s["context_tokens"]) for s in summary})
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
-    for ax, (task, ctx) in zip(axes.flat, panels):
-        pts = [s for s in summary if s["task"] == task and s["context_tokens"] == ctx]
-        by_method: dict[str, list] = {}
-        for s in pts:
-            by_method.setdefault(s["method"], []).append(s)
-        for m, ss in sorted(by_method.items()):
-            ss = sorted(ss, key=lambda s: s["kv_bytes"])
-            x = [s["kv_bytes"] / 2**20 for s in ss]
-            y = [s["quality"] for s in ss]
-            style = dict(marker="*", markersize=14, linestyle="none", color="black") if m == "full" else dict(marker="o")
-            ax.plot(x, y, label=m, **style)
-        ax.set_xscale("log")
-        ax.set_xlabel("KV cache bytes after prefill (MiB, log)")
-        ax.set_ylabel(pts[0]["quality_name"] if pts else "")
-        ax.set_title(f"{task} @ {ctx} tokens")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_quality_vs_bytes(summary, path)
 
 
 def write_summary(run_dir: str, rows: list[dict]) -> list[dict]:
@@ -490,5 +462,7 @@ def write_summary(run_dir: str, rows: list[dict]) -> list[dict]:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(summary)
-        plot_summary(summary, os.path.join(run_dir, "quality_vs_bytes.png"))
+    from kvjax.eval.report import write_report
+
+    write_report(run_dir, summary)  # quality_vs_bytes.png and report.md
     return summary
