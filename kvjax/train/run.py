@@ -169,6 +169,11 @@ def run_training(config, progress: bool = True, lm=None) -> dict:
     info = {"kind": tc["kind"], "model": c["model"]["name"], "model_fingerprint": fingerprint(lm.cfg, {}),
             "steps": int(state.step), "config": tc, **trainer.info()}
     extra = trainer.finalize(lm, state.params, info) if hasattr(trainer, "finalize") else {}
+    if tc["kind"] == "duo_attention":
+        from kvjax.train.duo import plot_gates  # noqa: PLC0415
+
+        plot_gates(np.asarray(state.params["gates"]), os.path.join(run_dir, "gates.png"),
+                   f"DuoAttention gates, {c['model']['name']}")
     info.update(extra)
     save_artifact(os.path.join(run_dir, "ckpt"), jax.device_get(state.params), info)
     train_rows = [r for r in rows if r["split"] == "train"]
