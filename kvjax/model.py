@@ -100,6 +100,13 @@ class Model:
         for i, layer in enumerate(state.layers):
             if getattr(layer, "ring_start", -1) >= 0 or not _concrete(layer.fill):
                 continue
+            if hasattr(layer, "head_capacity"):  # ragged layer: every head has its own segment
+                over = np.asarray(layer.fill) + t - np.asarray(layer.head_capacity)
+                if over.max() > 0:
+                    raise ValueError(f"positions past capacity: layer {i} is ragged and a head's segment lacks "
+                                     f"{int(over.max())} of the {t} slots the new tokens need (compress it with "
+                                     f"more decode room)")
+                continue
             need = int(np.max(np.asarray(layer.fill))) + t
             if need > layer.capacity:
                 raise ValueError(

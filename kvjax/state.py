@@ -110,6 +110,198 @@ class DenseKV:
 
 
 @struct.dataclass
+class RaggedKV:
+    """One layer's float cache whose heads hold different numbers of tokens, stored without padding.
+
+    Per batch row, one flat buffer of all heads' tokens (as varlen / paged attention store them): head ``h`` owns the
+    segment ``[offsets[:, h], offsets[:, h + 1])`` of the flat slot axis; its first ``fill[:, h]`` slots are written
+    (kept tokens, then decoded ones), the rest of the segment is that head's decode room.
+
+    * ``k`` ``(B, N, Dk)``, ``v`` ``(B, N, Dv)``: keys (post-RoPE, at original positions) and values;
+    * ``pos`` ``(B, N)`` int32: original position of every flat slot, ``-1`` = empty / padding;
+    * ``offsets`` ``(B, H + 1)`` int32: segment boundaries (non-decreasing, ``offsets[:, 0] = 0``,
+      ``offsets[:, H] <= N``; rows whose segments sum to less than ``N`` leave the tail unused);
+    * ``fill`` ``(B, H)`` int32: slots written per head (the next token of head ``h`` goes to flat slot
+      ``offsets[:, h] + fill[:, h]``; a head whose segment is full drops further tokens, as a full plain
+      :class:`DenseKV` does — compression methods size the room so that this never happens);
+    * ``extras``: per-method arrays, per head ``(B, H, ...)`` or flat-slot-aligned ``(B, N, ...)``;
+    * static ``window`` (sliding window, 0 = global) and ``max_len``: the largest segment of any row and head, the
+      capacity of the padded view :meth:`to_dense` and the loop bound of the ragged decode kernel. It only sizes
+      computations, never storage.
+
+    ``kvjax.nbytes`` of a ragged layer is therefore the bytes of the tokens it holds plus their decode room, their
+    positions and the ``(B, H + 1)`` offsets: nothing is padded to the largest head. :meth:`to_dense` /
+    :func:`ragged_from_dense` convert exactly to and from the padded :class:`DenseKV` (``to_dense`` slot ``j`` of
+    head ``h`` is flat slot ``offsets[:, h] + j``); observations of a ragged layer (``colsum``, ``window``) are given
+    in that padded view's slot order. Attention: the jnp reference attends over the padded view; ``impl="pallas"``
+    decode steps run ``pallas_kernels.ragged_decode_attention``, which reads only each head's segment of the flat
+    buffer.
+    """
+
+    k: Array
+    v: Array
+    pos: Array
+    offsets: Array
+    fill: Array
+    extras: dict[str, Array] = struct.field(default_factory=dict)
+    window: int = struct.field(pytree_node=False, default=0)
+    max_len: int = struct.field(pytree_node=False, default=1)
+    ring_start = -1  # never a ring buffer (class attribute, so ``getattr(layer, "ring_start", -1)`` works)
+
+    @property
+    def num_heads(self) -> int:
+        return self.fill.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Slots of the largest head segment (the padded view's capacity); see :attr:`head_capacity`."""
+        return self.max_len
+
+    @property
+    def flat_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def head_capacity(self) -> Array:
+        """``(B, H)`` slots of every head's segment (written tokens plus decode room)."""
+        return self.offsets[:, 1:] - self.offsets[:, :-1]
+
+    @property
+    def starts(self) -> Array:
+        return self.offsets[:, :-1]
+
+    @property
+    def valid(self) -> Array:
+        """``(B, N)``: flat slots holding a token."""
+        return self.pos >= 0
+
+    def slot_head(self) -> Array:
+        """``(B, N)`` int32: the head owning every flat slot (``H`` for the unused tail)."""
+        n = jnp.arange(self.flat_size, dtype=jnp.int32)
+        return jnp.sum(n[None, None, :] >= self.offsets[:, 1:, None], axis=1, dtype=jnp.int32)
+
+    def view_index(self) -> tuple[Array, Array]:
+        """Flat slot of every padded-view slot ``(B, H, max_len)`` and whether it is written (``j < fill``)."""
+        j = jnp.arange(self.max_len, dtype=jnp.int32)
+        idx = self.starts[..., None] + j
+        ok = (j < jnp.minimum(self.fill, self.head_capacity)[..., None]) & (idx < self.flat_size)
+        return jnp.clip(idx, 0, self.flat_size - 1), ok
+
+    def to_dense(self) -> DenseKV:
+        """The padded :class:`DenseKV` holding the same tokens: head ``h``'s segment in slots ``[0, max_len)``."""
+        idx, ok = self.view_index()
+
+        def gather(x, fill_value=0):
+            g = jnp.take_along_axis(x[:, None], idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=2) \
+                if x.ndim > 2 else jnp.take_along_axis(x[:, None, :], idx, axis=2)
+            return jnp.where(ok.reshape(ok.shape + (1,) * (g.ndim - 3)), g, fill_value).astype(x.dtype)
+
+        extras = {n: (gather(x) if _flat_aligned(self, x) else x) for n, x in self.extras.items()}
+        return DenseKV(k=gather(self.k), v=gather(self.v), pos=gather(self.pos, -1), fill=self.fill, extras=extras,
+                       window=self.window, ring_start=-1)
+
+    def dense(self) -> tuple[Array, Array]:
+        """Keys and values of the padded view ``(B, H, max_len, D)`` (aligned with ``to_dense().pos``)."""
+        return self.to_dense().dense()
+
+    def append(self, k: Array, v: Array, pos: Array) -> "RaggedKV":
+        """Writes ``n`` new tokens (``k``/``v`` ``(B, H, n, D)``, ``pos`` ``(B, n)``, ``-1`` = padding, stored as an
+        invalid slot like a plain dense buffer does) after every head's written slots, inside its segment."""
+        b, h, n = k.shape[:3]
+        j = jnp.arange(n, dtype=jnp.int32)
+        t = self.fill[..., None] + j  # (B, H, n) index within the segment
+        slot = jnp.where(t < self.head_capacity[..., None], self.starts[..., None] + t, self.flat_size)
+        slot = slot.reshape(b, h * n)
+        pos_h = jnp.broadcast_to(pos[:, None, :], (b, h, n)).reshape(b, h * n).astype(jnp.int32)
+        scatter = jax.vmap(lambda buf, idx, new: buf.at[idx].set(new, mode="drop"))
+        return self.replace(
+            k=scatter(self.k, slot, k.reshape(b, h * n, -1).astype(self.k.dtype)),
+            v=scatter(self.v, slot, v.reshape(b, h * n, -1).astype(self.v.dtype)),
+            pos=scatter(self.pos, slot, pos_h),
+            fill=self.fill + n,
+        )
+
+    def attend(self, q: Array, q_pos: Array, *, sm_scale: float | None = None, softcap: float = 0.0,
+               observe=None, impl: str = "reference") -> tuple[Array, dict]:
+        """Attention of ``q`` ``(B, Hq, T, D)`` over the layer. ``impl="pallas"`` decode steps (``T <= 16``, no
+        observations) read the flat buffer with the ragged Pallas kernel; otherwise the jnp reference attends over
+        the padded view (observations in its slot order)."""
+        from kvjax.attention import Observe, reference_attention  # noqa: PLC0415 (attention imports state)
+
+        observe = Observe() if observe is None else observe
+        if impl not in ("reference", "pallas"):
+            raise ValueError(f"unknown attention impl {impl!r}; choose 'reference' or 'pallas'")
+        if impl == "pallas" and not observe and q.shape[2] <= 16:
+            from pallas_kernels.ragged_decode_attention import ragged_decode_attention  # noqa: PLC0415
+
+            lengths = jnp.minimum(self.fill, self.head_capacity)
+            out = ragged_decode_attention(q, self.k, self.v, self.pos, q_pos, self.starts, lengths,
+                                          max_len=self.max_len, sm_scale=sm_scale, window=self.window,
+                                          logit_softcap=softcap)
+            return out, {}
+        view = self.to_dense()
+        return reference_attention(q, view.k, view.v, q_pos, view.pos, sm_scale=sm_scale, window=self.window,
+                                   softcap=softcap, observe=observe)
+
+
+def _flat_aligned(layer: RaggedKV, x: Array) -> bool:
+    return x.ndim >= 2 and x.shape[:2] == layer.pos.shape
+
+
+def ragged_from_dense(layer: DenseKV, room: int = 0, *, size: int | None = None, max_len: int | None = None
+                      ) -> RaggedKV:
+    """A :class:`RaggedKV` holding the tokens of a compacted plain :class:`DenseKV` (each head's tokens in its slots
+    ``[0, fill)``, as the eviction helpers leave them), every head given ``room`` more slots for decoding.
+
+    ``size`` (flat slots per row) and ``max_len`` (largest segment) default to their exact values when ``layer`` is
+    concrete (the sizes are then found on the host), and to the static bounds ``H * (C + room)`` / ``C + room`` when
+    traced. Slot-aligned ``extras`` ``(B, H, C, ...)`` move with the tokens; other extras are kept as they are.
+    """
+    if getattr(layer, "ring_start", -1) >= 0:
+        raise ValueError("cannot store a ring-buffer (sliding-window or StreamingLLM) layer as a ragged layer")
+    if room < 0:
+        raise ValueError(f"decode room must be >= 0, got {room}")
+    b, h, c = layer.pos.shape
+    cap = jnp.minimum(layer.fill, c) + room  # (B, H) segment sizes
+    offsets = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.cumsum(cap, axis=1, dtype=jnp.int32)], axis=1)
+    concrete = not isinstance(cap, jax.core.Tracer)
+    if size is None:
+        size = int(np.max(np.asarray(offsets[:, -1]))) if concrete else h * (c + room)
+    if max_len is None:
+        max_len = int(np.max(np.asarray(cap))) if concrete else c + room
+    return _ragged_gather(layer, offsets, max(int(size), 1), max(int(max_len), 1))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _ragged_gather(layer: DenseKV, offsets: Array, size: int, max_len: int) -> RaggedKV:
+    b, h, c = layer.pos.shape
+    n = jnp.arange(size, dtype=jnp.int32)
+    head = jnp.sum(n[None, None, :] >= offsets[:, 1:, None], axis=1, dtype=jnp.int32)  # (B, N)
+    hc = jnp.minimum(head, h - 1)
+    j = n[None, :] - jnp.take_along_axis(offsets, hc, axis=1)
+    ok = (head < h) & (j < jnp.take_along_axis(jnp.minimum(layer.fill, c), hc, axis=1))
+    src = hc * c + jnp.clip(j, 0, c - 1)  # index into the (H * C) flattened slots
+
+    def flat(x, fill_value=0):
+        xf = x.reshape((b, h * c) + x.shape[3:])
+        g = jnp.take_along_axis(xf, src.reshape(src.shape + (1,) * (x.ndim - 3)), axis=1)
+        return jnp.where(ok.reshape(ok.shape + (1,) * (x.ndim - 3)), g, fill_value).astype(x.dtype)
+
+    extras = {nm: (flat(x) if _slot_aligned(layer, x) else x) for nm, x in layer.extras.items()}
+    return RaggedKV(k=flat(layer.k), v=flat(layer.v), pos=flat(layer.pos, -1), offsets=offsets,
+                    fill=jnp.minimum(layer.fill, c).astype(jnp.int32), extras=extras, window=layer.window,
+                    max_len=max_len)
+
+
+def as_dense_layer(layer):
+    """``layer`` as a :class:`DenseKV` when it is a :class:`RaggedKV` (its exact padded view), else unchanged."""
+    return _to_dense(layer) if isinstance(layer, RaggedKV) else layer
+
+
+_to_dense = jax.jit(lambda layer: layer.to_dense())
+
+
+@struct.dataclass
 class KVState:
     """The whole model's KV state (see module docstring)."""
 

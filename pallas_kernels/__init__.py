@@ -6,6 +6,8 @@ Kernels (each with a plain-jnp twin in :mod:`pallas_kernels.reference`):
   ``pos``-based masks, sliding window, logit soft-capping and per-head ragged ``lengths``.
 * :func:`quantized_decode_attention` — the same over a KIVI-style 2/4/8-bit cache (unpacked and dequantized block
   by block inside the kernel) plus its full-precision residual window.
+* :func:`ragged_decode_attention` — decode attention over a ragged cache (:class:`kvjax.state.RaggedKV`): one flat
+  buffer of all heads' tokens per batch row with per-head offsets and lengths (no padding to the largest head).
 * :func:`prefill_attention_with_scores` — causal flash attention of a chunk that also returns per-key column sums of
   the softmax probabilities and, optionally, the last ``W`` queries' probabilities (two passes, no ``(Tq, C)``
   matrix in HBM).
@@ -24,11 +26,14 @@ from pallas_kernels._common import PrefillOutput
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.prefill_attention_with_scores import prefill_attention_with_scores
 from pallas_kernels.quantized_decode_attention import quantized_decode_attention
+from pallas_kernels.ragged_decode_attention import ragged_decode_attention
 
-KERNEL_NAMES = ("decode_attention", "quantized_decode_attention", "prefill_attention_with_scores")
+KERNEL_NAMES = ("decode_attention", "quantized_decode_attention", "prefill_attention_with_scores",
+                "ragged_decode_attention")
 _ALIASES = {"decode": "decode_attention", "quantized_decode": "quantized_decode_attention",
             "quantized": "quantized_decode_attention", "prefill": "prefill_attention_with_scores",
-            "prefill_with_scores": "prefill_attention_with_scores"}
+            "prefill_with_scores": "prefill_attention_with_scores", "ragged_decode": "ragged_decode_attention",
+            "ragged": "ragged_decode_attention"}
 IMPLS = ("pallas", "reference")
 
 
@@ -41,7 +46,8 @@ def attention_impl(name: str, impl: str = "pallas") -> Callable:
         raise ValueError(f"unknown kernel {name!r}; choose one of {KERNEL_NAMES} (or {tuple(_ALIASES)})")
     if impl == "pallas":
         return {"decode_attention": decode_attention, "quantized_decode_attention": quantized_decode_attention,
-                "prefill_attention_with_scores": prefill_attention_with_scores}[key]
+                "prefill_attention_with_scores": prefill_attention_with_scores,
+                "ragged_decode_attention": ragged_decode_attention}[key]
     if impl == "reference":
         from pallas_kernels import reference  # noqa: PLC0415 (imports kvjax)
 
@@ -50,4 +56,4 @@ def attention_impl(name: str, impl: str = "pallas") -> Callable:
 
 
 __all__ = ["IMPLS", "KERNEL_NAMES", "PrefillOutput", "attention_impl", "decode_attention",
-           "prefill_attention_with_scores", "quantized_decode_attention"]
+           "prefill_attention_with_scores", "quantized_decode_attention", "ragged_decode_attention"]

@@ -116,5 +116,22 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
     return out
 
 
+def ragged_decode_attention_reference(q, k, v, pos, q_pos, starts, lengths, *, max_len=None, sm_scale=None,
+                                      window: int = 0, logit_softcap: float = 0.0, **_ignored):
+    """Reference of :func:`pallas_kernels.ragged_decode_attention`: every KV head attends over the whole flat
+    buffer with the slots outside its segment ``[starts, starts + lengths)`` masked (``H`` times the work of the
+    kernel, no gather)."""
+    b, n, _ = k.shape
+    hkv = starts.shape[1]
+    slot = jnp.arange(n, dtype=jnp.int32)[None, None, :]
+    ok = (slot >= starts[:, :, None]) & (slot < (starts + lengths)[:, :, None])  # (B, Hkv, N)
+    kh = jnp.broadcast_to(k[:, None], (b, hkv) + k.shape[1:])
+    vh = jnp.broadcast_to(v[:, None], (b, hkv) + v.shape[1:])
+    ph = jnp.broadcast_to(pos[:, None], (b, hkv, n))
+    out, _ = _attend(q, kh, vh, ph, q_pos, ok, sm_scale=sm_scale, window=window, logit_softcap=logit_softcap)
+    return out
+
+
 __all__ = ["attention_reference", "decode_attention_reference", "dequantize_cache",
-           "prefill_attention_with_scores_reference", "quantized_decode_attention_reference"]
+           "prefill_attention_with_scores_reference", "quantized_decode_attention_reference",
+           "ragged_decode_attention_reference"]

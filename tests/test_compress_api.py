@@ -23,7 +23,7 @@ from kvjax.compress import Context, available_methods, chain, get_method
 from kvjax.compress.locret import RetainingHeads, init_heads
 from kvjax.config import ModelConfig
 from kvjax.generate import _apply_prefill
-from kvjax.state import DenseKV, KVState
+from kvjax.state import DenseKV, KVState, as_dense_layer
 
 B, HQ, HKV, D, L = 2, 4, 2, 8, 2
 W = 3  # observation window of every window-based factory (one compiled prefill forward for all)
@@ -137,7 +137,7 @@ def decode_step(rng, state, method, ctx, full, seen=None):
         fk, fv, fpos = full[i]
         full[i] = (np.concatenate([fk, k], 2), np.concatenate([fv, v], 2),
                    np.concatenate([fpos, np.asarray(state.next_pos)[:, None]], 1))
-        valid = np.asarray(layer.valid)
+        valid = np.asarray(as_dense_layer(layer).valid)  # ragged layers: observations in padded-view order
         p = _softmax(rng.normal(size=(B, HQ, layer.capacity)) * 2, np.repeat(valid, HQ // HKV, axis=1))
         layers.append(layer)
         step_obs.append({"colsum": jnp.asarray(p, jnp.float32)})
@@ -162,6 +162,7 @@ def run_prefill(method, state, obs, ctx):
 def check_valid(state, full, *, check_values=True):
     """Positions unique among valid slots, fill consistent, positions/keys/values those of original tokens."""
     for i, layer in enumerate(state.layers):
+        layer = as_dense_layer(layer)  # a ragged layer is checked through its exact padded view
         pos = np.asarray(layer.pos)
         fill = np.asarray(layer.fill)
         fk, fv, fpos = full[i]
@@ -183,7 +184,7 @@ def check_valid(state, full, *, check_values=True):
 
 
 def held(layer) -> np.ndarray:
-    return np.asarray(jnp.sum(layer.valid, axis=-1))
+    return np.asarray(jnp.sum(as_dense_layer(layer).valid, axis=-1))
 
 
 def check_budget(name, method, state, steps):

@@ -12,6 +12,15 @@ count (plus the decode room), found on the host: with ``head_budgets="adaptive"`
 (``jittable`` is False; traced anyway, e.g. inside a jitted chain, the capacity falls back to the worst case
 ``window + H (budget - window)``). ``head_budgets="uniform"`` is exactly :class:`~kvjax.compress.snapkv.SnapKV`.
 
+Storage (``storage``): ``"ragged"`` (the default) stores the layer as a :class:`~kvjax.state.RaggedKV`: one flat
+buffer of all heads' tokens per batch row with per-head offsets, every head followed by its own ``decode_room``
+slots, so the cache's bytes are those of the tokens kept (``H * budget`` per layer and row) plus the decode room and
+the offsets — what Ada-KV's memory claim assumes (the authors' code stores the heads flattened with cumulative
+lengths for a varlen kernel too). ``"padded"`` keeps the earlier :class:`~kvjax.state.DenseKV` of the largest
+head's count plus room (other heads' slots past their ``fill`` are empty): same tokens, same attention, more bytes;
+kept for comparison (``benchmarks/ragged_adakv.py``). A chain converts a ragged layer back to its exact padded view
+before a method that needs dense caches (e.g. a quantizer), so those methods' bytes are padded again.
+
 Defaults follow the authors' code (FFY0/AdaKV, and its port in NVIDIA/kvpress): safeguard ``floor_alpha = 0.2``,
 window 32, pooling kernel 7, max pooling; scores are SnapKV's window votes. Deviations: scores are compared across the
 KV heads of a layer after averaging the votes of the query heads that share a KV head (GQA); acts on global layers
@@ -29,6 +38,7 @@ import jax.numpy as jnp
 from kvjax.compress.base import Context, register
 from kvjax.compress.evict import BIG, compact_ragged, map_global_layers
 from kvjax.compress.snapkv import SnapKV
+from kvjax.state import RaggedKV, ragged_from_dense, resize_obs
 
 
 def adaptive_keep(score: jax.Array, candidates: jax.Array, per_head: int, floor: int) -> jax.Array:
@@ -62,7 +72,9 @@ class AdaKV(SnapKV):
     pooling: str = "maxpool"
     head_budgets: str = "adaptive"  # "adaptive" (Ada-KV) or "uniform" (SnapKV)
     floor_alpha: float = 0.2  # safeguard: fraction of the per-head budget every head keeps for itself
+    storage: str = "ragged"  # "ragged" (RaggedKV, bytes of the kept tokens) or "padded" (DenseKV of the largest head)
     name: ClassVar[str] = "adakv"
+    family: ClassVar[str] = "eviction"  # (``kind`` is per instance: "ragged" or "dense")
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +82,12 @@ class AdaKV(SnapKV):
             raise ValueError(f"adakv head_budgets must be 'uniform' or 'adaptive', got {self.head_budgets!r}")
         if not 0.0 <= self.floor_alpha <= 1.0:
             raise ValueError(f"adakv floor_alpha must be in [0, 1], got {self.floor_alpha}")
+        if self.storage not in ("ragged", "padded"):
+            raise ValueError(f"adakv storage must be 'ragged' or 'padded', got {self.storage!r}")
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "ragged" if self.head_budgets == "adaptive" and self.storage == "ragged" else "dense"
 
     @property
     def jittable(self) -> bool:  # the ragged capacity is found on the host
@@ -81,12 +99,37 @@ class AdaKV(SnapKV):
         per_head = self.budget - self.window
         floor = int(per_head * self.floor_alpha)
 
+        ragged = self.storage == "ragged"
+
         def one(i, layer, o):
             keep = _keep(self, layer, o, state.next_pos, per_head, floor)
-            if isinstance(keep, jax.core.Tracer):  # traced (e.g. inside a jitted chain): static worst case
-                size = min(layer.capacity, self.window + layer.k.shape[1] * per_head)
+            h = layer.k.shape[1]
+            traced = isinstance(keep, jax.core.Tracer)
+            if traced:  # traced (e.g. inside a jitted chain): static worst case
+                size = min(layer.capacity, self.window + h * per_head)
             else:  # eager prefill: the largest head's count
                 size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))
-            return compact_ragged(layer, o, keep, size=size, room=ctx.decode_room)
+            if not ragged:
+                return compact_ragged(layer, o, keep, size=size, room=ctx.decode_room)
+            dense, o = compact_ragged(layer, o, keep, size=size, room=0)
+            bound = dict(size=h * (min(self.budget, layer.capacity) + ctx.decode_room),
+                         max_len=size + ctx.decode_room) if traced else {}
+            return ragged_from_dense(dense, ctx.decode_room, **bound), o
 
-        return map_global_layers(state, obs, one, per_layer=True)
+        state, obs = map_global_layers(state, obs, one, per_layer=True)
+        return (unify_ragged(state, obs) if ragged else (state, obs))
+
+
+def unify_ragged(state, obs):
+    """Gives every ragged layer the largest ``max_len`` of them (a static bound: sizes the padded view and the kernel's
+    loop, never storage), so that layers with equal flat sizes stack into one scan; observations (padded-view order)
+    are zero-padded to it."""
+    idx = [i for i, layer in enumerate(state.layers) if isinstance(layer, RaggedKV)]
+    if not idx:
+        return state, obs
+    m = max(state.layers[i].max_len for i in idx)
+    layers, obs = list(state.layers), list(obs)
+    for i in idx:
+        layers[i] = layers[i].replace(max_len=m)
+        obs[i] = resize_obs(obs[i], m)
+    return state.replace(layers=tuple(layers)), tuple(obs)

@@ -16,7 +16,8 @@ registered by name with :func:`register`. It can act at three moments:
 
 What a method needs from the model is declared by ``observe()`` (for prefill) and ``decode_observe()`` (per decode
 step), so the model computes only those statistics. ``kind`` says what the method leaves: ``"dense"`` caches (eviction,
-merging) or ``"quantized"``/``"lowrank"`` ones; a method that needs dense caches refuses to run after one that leaves
+merging), ``"ragged"`` ones (:class:`~kvjax.state.RaggedKV`: float, heads of different lengths without padding; a
+chain converts them exactly to dense before a method that needs dense caches) or ``"quantized"``/``"lowrank"`` ones; a method that needs dense caches refuses to run after one that leaves
 another kind (:class:`Chain` checks this when it is built).
 
 Budgets are in tokens per layer (``budget``) unless a method says otherwise; :func:`budget_from_bytes` converts a
@@ -105,10 +106,13 @@ class Chain(Method):
         if not self.methods:
             raise ValueError("chain() needs at least one method")
         left = "dense"
-        for m in self.methods:
-            if m.needs_dense and left != "dense":
+        for j, m in enumerate(self.methods):
+            if m.needs_dense and left not in ("dense", "ragged"):  # ragged float layers convert exactly to dense
                 raise ValueError(f"{m.name} needs a dense (float) cache but runs after a method that leaves a {left} "
                                  f"cache; put {m.name} before it in the chain")
+            if m.has_decode() and m.needs_dense and any(n.kind == "ragged" for n in self.methods[j + 1:]):
+                raise ValueError(f"{m.name} evicts during decoding from dense caches but a later method of the chain "
+                                 f"leaves ragged ones; put {m.name} after it")
             if m.kind != "dense":
                 left = m.kind
         decoders = [m for m in self.methods if m.has_decode()]
@@ -117,8 +121,11 @@ class Chain(Method):
 
     @property
     def kind(self) -> str:  # type: ignore[override]
-        kinds = [m.kind for m in self.methods if m.kind != "dense"]
-        return kinds[-1] if kinds else "dense"
+        left = "dense"
+        for m in self.methods:
+            left = "dense" if m.needs_dense and left == "ragged" else left  # converted before m
+            left = m.kind if m.kind != "dense" else left
+        return left
 
     @property
     def every(self) -> int:  # type: ignore[override]
@@ -147,12 +154,12 @@ class Chain(Method):
 
     def prefill(self, state, obs, ctx):
         for m in self.methods:
-            state, obs = m.prefill(state, obs, ctx)
+            state, obs = m.prefill(densify(state) if m.needs_dense else state, obs, ctx)
         return state, obs
 
     def chunk(self, state, obs, ctx):
         for m in self.methods:
-            state, obs = m.chunk(state, obs, ctx)
+            state, obs = m.chunk(densify(state) if m.needs_dense else state, obs, ctx)
         return state, obs
 
     def decode(self, state, obs, ctx):
@@ -182,6 +189,16 @@ def method_family(method: Method | type[Method]) -> str:
     if cls.kind != "dense":
         return "quantization"
     return "decode-time eviction" if cls.decode is not Method.decode else "eviction"
+
+
+def densify(state):
+    """``state`` with its ragged layers (:class:`~kvjax.state.RaggedKV`) replaced by their exact padded
+    :class:`~kvjax.state.DenseKV` views (observations of ragged layers are already in the views' slot order)."""
+    from kvjax.state import RaggedKV, as_dense_layer  # noqa: PLC0415
+
+    if not isinstance(state.layers, tuple) or not any(isinstance(layer, RaggedKV) for layer in state.layers):
+        return state
+    return state.replace(layers=tuple(as_dense_layer(layer) for layer in state.layers))
 
 
 def chain(*methods: Method) -> Method:
