@@ -18,6 +18,7 @@ from test_compress_api import (B, CFG, CTX, FACTORIES, HKV, HQ, ROOM, T, W, deco
 
 import kvjax
 from kvjax.compress import get_method
+from kvjax.compress.base import densify
 from kvjax.compress.cake import cascade_budgets
 from kvjax.compress.d2o import merge_evicted
 from kvjax.compress.evict import proportional_budgets
@@ -156,7 +157,7 @@ def test_pyramidkv_keep_sets_use_layer_budgets():
 def test_adakv_allocates_head_budgets_jointly():
     m = FACTORIES["adakv"](7)  # window 3, floor_alpha 0.34: 4 prefix tokens per head, 1 of them guaranteed
     state, obs, _ = synthetic_state(np.random.default_rng(4), (0, 1), m.observe(), temperature=4.0)
-    out = run_prefill(m, state, obs, CTX)
+    out = densify(run_prefill(m, state, obs, CTX))  # ragged storage, checked through its exact padded view
     base, floor = 4, 1
     for i in range(2):
         score, protect = np_snap(obs[i], state.layers[i], state.next_pos, W, 3, "maxpool")
