@@ -154,8 +154,9 @@ def test_pyramidkv_keep_sets_use_layer_budgets():
         assert kept(out.layers[i]) == np_select(score, np.asarray(state.layers[i].pos), budgets[i], protect)
 
 
-def test_adakv_allocates_head_budgets_jointly():
-    m = FACTORIES["adakv"](7)  # window 3, floor_alpha 0.34: 4 prefix tokens per head, 1 of them guaranteed
+def test_adakv_safeguard_allocates_head_budgets_jointly():
+    m = get_method("adakv", budget=7, window=W, kernel=3, floor_alpha=0.34, allocation="safeguard",
+                   gqa_order="pool_then_reduce")  # 4 prefix tokens per head, 1 of them guaranteed
     state, obs, _ = synthetic_state(np.random.default_rng(4), (0, 1), m.observe(), temperature=4.0)
     out = densify(run_prefill(m, state, obs, CTX))  # ragged storage, checked through its exact padded view
     base, floor = 4, 1
@@ -176,8 +177,75 @@ def test_adakv_allocates_head_budgets_jointly():
         counts = np.asarray(jnp.sum(out.layers[i].valid, -1))
         assert (counts.sum(1) <= HKV * 7).all() and np.asarray(out.layers[i].fill).tolist() == counts.tolist()
     uniform = get_method("adakv", budget=7, window=W, kernel=3, head_budgets="uniform").prefill(state, obs, CTX)[0]
-    snap = get_method("snapkv", budget=7, window=W, kernel=3, pooling="maxpool").prefill(state, obs, CTX)[0]
+    snap = get_method("snapkv", budget=7, window=W, kernel=3, pooling="maxpool",
+                      gqa_order="reduce_then_pool").prefill(state, obs, CTX)[0]
     assert [kept(layer) for layer in uniform.layers] == [kept(layer) for layer in snap.layers]
+
+
+def test_adakv_ffy0_allocation_hand_worked():
+    """FFY0's rule on a hand-worked case: 2 heads, 8 candidates each, b = 5 prefix slots per head, alpha = 0.2.
+
+    Head 0 outscores head 1 everywhere, so the joint top 10 holds n = (8, 2); FFY0 gives round(0.8 n + floor(0.2 * 5))
+    = (round(7.4), round(2.6)) = (7, 3). The safeguard rule (1 reserved per head, then joint) gives (8, 2)."""
+    from kvjax.compress.adakv import adaptive_keep, ffy0_head_budgets, ffy0_keep
+
+    score = jnp.asarray([[np.arange(18, 10, -1), np.arange(8, 0, -1) / 10]], jnp.float32)  # (1, 2, 8)
+    cand = jnp.ones((1, 2, 8), bool)
+    assert np.asarray(ffy0_head_budgets(score, cand, 5, 0.2)).tolist() == [[7, 3]]
+    keep = np.asarray(ffy0_keep(score, cand, 5, 0.2))
+    assert keep[0, 0].tolist() == [True] * 7 + [False] and keep[0, 1].tolist() == [True] * 3 + [False] * 5
+    assert np.asarray(adaptive_keep(score, cand, 5, 1)).sum(-1).tolist() == [[8, 2]]
+    # candidates missing (padding) are never counted nor kept
+    cand = cand.at[0, 0, 4:].set(False)
+    assert np.asarray(ffy0_head_budgets(score, cand, 5, 0.2)).tolist() == [[4, 6]]  # n = (4, 6): 4.2, 5.8
+    assert np.asarray(ffy0_keep(score, cand, 5, 0.2)).sum(-1).tolist() == [[4, 6]]
+    # round half to even, as torch.round: n = (3, 3), alpha 0.5 -> 0.5 * 3 + floor(1.5) = 2.5 -> 2
+    assert np.asarray(ffy0_head_budgets(score[:, :, :3], cand[:, :, :3] | True, 3, 0.5)).tolist() == [[2, 2]]
+
+
+def test_adakv_ffy0_prefill_matches_numpy():
+    m = FACTORIES["adakv"](7)  # window 3, floor_alpha 0.34, allocation ffy0, GQA mean before max pooling
+    assert m.allocation == "ffy0" and m.gqa_order == "reduce_then_pool"
+    state, obs, _ = synthetic_state(np.random.default_rng(4), (0, 1), m.observe(), temperature=4.0)
+    out = densify(run_prefill(m, state, obs, CTX))  # ragged storage, checked through its exact padded view
+    base = 4
+    for i in range(2):
+        pos = np.asarray(state.layers[i].pos)
+        protect = recent(pos, state.next_pos, W)
+        votes = np.where(np.repeat(protect, G, axis=1), 0.0, np.asarray(obs[i]["window"]).sum(2))
+        score = pool(gmean(votes), 3, "maxpool")
+        for b in range(B):
+            cand = [(h, s) for h in range(HKV) for s in range(pos.shape[2])
+                    if pos[b, h, s] >= 0 and not protect[b, h, s]]
+            joint = sorted(cand, key=lambda c: -score[b, c[0], c[1]])[:HKV * base]
+            for h in range(HKV):
+                n_h = sum(1 for c in joint if c[0] == h)
+                cap = int(np.round(n_h * (1 - 0.34) + int(base * 0.34)))
+                own = sorted((c for c in cand if c[0] == h), key=lambda c: -score[b, c[0], c[1]])[:cap]
+                want = {int(pos[b, h, s]) for s in range(pos.shape[2]) if protect[b, h, s]}
+                assert kept(out.layers[i])[b][h] == want | {int(pos[b, h, s]) for _, s in own}
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("order", ["pool_then_reduce", "reduce_then_pool"])
+def test_snapkv_gqa_reduce_options_match_numpy(reduce, order):
+    from kvjax.compress.evict import reduce_and_pool
+
+    votes = np.random.default_rng(3).random((B, HQ, 11)).astype(np.float32)
+    red = (lambda x: x.reshape(B, HKV, G, -1).mean(2)) if reduce == "mean" else \
+        (lambda x: x.reshape(B, HKV, G, -1).max(2))
+    want = red(pool(votes, 3, "maxpool")) if order == "pool_then_reduce" else pool(red(votes), 3, "maxpool")
+    np.testing.assert_allclose(np.asarray(reduce_and_pool(jnp.asarray(votes), HKV, 3, "maxpool", reduce, order)),
+                               want, rtol=1e-6)
+    m = get_method("snapkv", budget=7, window=W, kernel=3, pooling="maxpool", gqa_reduce=reduce, gqa_order=order)
+    state, obs, _ = synthetic_state(np.random.default_rng(4), (0, 1), m.observe(), temperature=4.0)
+    out = run_prefill(m, state, obs, CTX)
+    layer = state.layers[0]
+    pos = np.asarray(layer.pos)
+    protect = recent(pos, state.next_pos, W)
+    v = np.where(np.repeat(protect, G, axis=1), 0.0, np.asarray(obs[0]["window"]).sum(2))
+    score = red(pool(v, 3, "maxpool")) if order == "pool_then_reduce" else pool(red(v), 3, "maxpool")
+    assert kept(out.layers[0]) == np_select(score, pos, 7, protect)
 
 
 def test_kvcrush_keeps_base_set_plus_hamming_representatives():
@@ -284,8 +352,13 @@ def test_scissorhands_matches_numpy_simulation():
                                 :len(below) - (budget - drop)]:
                             del below[p]
 
-                compress(nxt - 1, nxt)
+                # prefill: down to exactly `budget` tokens (prefill_target="budget"), highest counts first
+                count = {p: sum(below[p].values()) for p in below}
+                for p in sorted((p for p in below if p < nxt - rec), key=lambda p: (-count[p], p))[
+                        :max(len(below) - budget, 0)]:
+                    del below[p]
                 assert set(below) == kept(after[0].layers[i])[b][h]
+                assert len(below) == min(budget, int((pos0[b, h] >= 0).sum()))
                 for step, (pre, o) in enumerate(seen):
                     att = slot_values(pre.layers[i], b, h, gmean(o[i]["colsum"])[b, h])
                     q = int(pre.next_pos[b]) - 1

@@ -2,15 +2,24 @@
 Feng et al., arXiv 2407.11550 — as the ``head_budgets="adaptive"`` option of SnapKV-style scoring.
 
 SnapKV gives every head of a layer the same budget. Ada-KV allocates the layer's total ``H (budget - window)`` prefix
-slots across its heads jointly: the top scores over all heads of the layer win, so heads whose attention is
-concentrated give slots to heads whose attention is spread. A safeguard first reserves, in every head, its top
-``floor_alpha * (budget - window)`` tokens. Every head keeps its whole observation window, as in SnapKV.
+slots across its ``H`` heads jointly: heads whose attention is concentrated give slots to heads whose attention is
+spread. Every head also keeps its whole observation window, as in SnapKV. With ``b = budget - window`` and
+``alpha = floor_alpha``, two allocation rules are offered:
 
-The result is ragged: heads hold different numbers of tokens (each head's ``fill``; unused slots have ``pos = -1``),
-while the number of valid entries of the layer equals the uniform budget. The layer's capacity is the largest head's
-count (plus the decode room), found on the host: with ``head_budgets="adaptive"`` the prefill runs eagerly
-(``jittable`` is False; traced anyway, e.g. inside a jitted chain, the capacity falls back to the worst case
-``window + H (budget - window)``). ``head_budgets="uniform"`` is exactly :class:`~kvjax.compress.snapkv.SnapKV`.
+* ``allocation="ffy0"`` (default; the authors' code, FFY0/AdaKV ``AdaptiveSnapKVCluster.update_kv``): count how many
+  of the joint top ``H b`` prefix scores of the layer fall in each head (``n_h``, no safeguard in this count), then
+  give head ``h`` the budget ``round((1 - alpha) n_h + floor(alpha b))`` (round half to even, as ``torch.round``) and
+  keep that head's own top tokens. The safeguard thus shrinks every allocation toward the uniform one by ``1 - alpha``.
+  As in the reference the rounded budgets can sum to a few tokens more or fewer than ``H b`` (at most ``H / 2``).
+* ``allocation="safeguard"`` (the rule of NVIDIA/kvpress's ``AdaKVPress``, kvjax's previous default): reserve in
+  every head its top ``floor(alpha b)`` tokens, then choose the remaining slots of the layer's total ``H b`` jointly
+  over all heads by score. Extreme allocations are kept as they are (a head owning ``3 b`` of the joint top gets about
+  ``3 b``, where ``ffy0`` gives it ``2.6 b + 0.2 b`` at ``alpha = 0.2``). kvpress counts the observation window inside
+  its reserve (``int(alpha * budget)``); kvjax reserves prefix tokens on top of the window.
+
+The result is ragged: heads hold different numbers of tokens, found on the host: with ``head_budgets="adaptive"``
+the prefill runs eagerly (``jittable`` is False; traced anyway, e.g. inside a jitted chain, the sizes fall back to the
+worst case). ``head_budgets="uniform"`` is exactly :class:`~kvjax.compress.snapkv.SnapKV` with these settings.
 
 Storage (``storage``): ``"ragged"`` (the default) stores the layer as a :class:`~kvjax.state.RaggedKV`: one flat
 buffer of all heads' tokens per batch row with per-head offsets, every head followed by its own ``decode_room``
@@ -21,10 +30,13 @@ head's count plus room (other heads' slots past their ``fill`` are empty): same 
 kept for comparison (``benchmarks/ragged_adakv.py``). A chain converts a ragged layer back to its exact padded view
 before a method that needs dense caches (e.g. a quantizer), so those methods' bytes are padded again.
 
-Defaults follow the authors' code (FFY0/AdaKV, and its port in NVIDIA/kvpress): safeguard ``floor_alpha = 0.2``,
-window 32, pooling kernel 7, max pooling; scores are SnapKV's window votes. Deviations: scores are compared across the
-KV heads of a layer after averaging the votes of the query heads that share a KV head (GQA); acts on global layers
-only.
+Defaults follow the authors' code (FFY0/AdaKV ``experiments/LongBench/pred.py`` and ``snapkv_utils.py``):
+``floor_alpha = 0.2``, window 32, pooling kernel 7, max pooling, scores = the window's attention to each prefix token
+(FFY0 averages over the window, SnapKV sums: the same ranking). GQA: the authors' default keeps one selection per
+*query* head on repeated KV heads (``G`` times the memory; kvjax's layout has one selection per KV head); their
+``--gqa_support`` mode averages the query heads of a group *before* pooling, which is kvjax's default here
+(``gqa_reduce="mean"``, ``gqa_order="reduce_then_pool"``; kvpress pools first: ``gqa_order="pool_then_reduce"``).
+Not implemented: FFY0's ``normalize`` and ``skip`` options (both off in its scripts). Acts on global layers only.
 """
 from __future__ import annotations
 
@@ -42,8 +54,8 @@ from kvjax.state import RaggedKV, ragged_from_dense, resize_obs
 
 
 def adaptive_keep(score: jax.Array, candidates: jax.Array, per_head: int, floor: int) -> jax.Array:
-    """Bool ``(B, H, S)``: ``H * per_head`` candidates chosen jointly over the heads of each row, every head first
-    guaranteed its own top ``floor`` candidates (fewer candidates than that: all of them)."""
+    """``allocation="safeguard"``: bool ``(B, H, S)``, ``H * per_head`` candidates chosen jointly over the heads of
+    each row, every head first guaranteed its own top ``floor`` candidates (fewer candidates than that: all of them)."""
     b, h, s = score.shape
     sc = jnp.where(candidates, score.astype(jnp.float32), -BIG)
     if floor > 0:
@@ -56,10 +68,34 @@ def adaptive_keep(score: jax.Array, candidates: jax.Array, per_head: int, floor:
     return keep & candidates
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _keep(method, layer, layer_obs, next_pos, per_head: int, floor: int):
+def ffy0_head_budgets(score: jax.Array, candidates: jax.Array, per_head: int, alpha: float) -> jax.Array:
+    """``allocation="ffy0"``: int ``(B, H)`` budgets ``round((1 - alpha) n_h + floor(alpha per_head))``, ``n_h`` =
+    head ``h``'s share of the row's joint top ``H * per_head`` candidate scores."""
+    b, h, s = score.shape
+    sc = jnp.where(candidates, score.astype(jnp.float32), -BIG)
+    top_s, top_i = jax.lax.top_k(sc.reshape(b, h * s), min(h * per_head, h * s))
+    counts = jnp.zeros((b, h), jnp.float32).at[jnp.arange(b)[:, None], top_i // s].add(
+        (top_s > -BIG).astype(jnp.float32))
+    return jnp.round(counts * (1.0 - alpha) + int(per_head * alpha)).astype(jnp.int32)
+
+
+def ffy0_keep(score: jax.Array, candidates: jax.Array, per_head: int, alpha: float) -> jax.Array:
+    """Bool ``(B, H, S)``: each head's own top :func:`ffy0_head_budgets` candidates."""
+    cap = ffy0_head_budgets(score, candidates, per_head, alpha)
+    sc = jnp.where(candidates, score.astype(jnp.float32), -BIG)
+    rank = jnp.argsort(jnp.argsort(-sc, axis=-1, stable=True), axis=-1)  # 0 = best; ties: lower slot first
+    return candidates & (rank < cap[..., None])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _keep(method, layer, layer_obs, next_pos, per_head: int):
     score, protect = method.scores(layer, layer_obs, next_pos)
-    return (protect | adaptive_keep(score, layer.valid & ~protect, per_head, floor)) & layer.valid
+    cand = layer.valid & ~protect
+    if method.allocation == "ffy0":
+        chosen = ffy0_keep(score, cand, per_head, method.floor_alpha)
+    else:
+        chosen = adaptive_keep(score, cand, per_head, int(per_head * method.floor_alpha))
+    return (protect | chosen) & layer.valid
 
 
 @register
@@ -73,6 +109,8 @@ class AdaKV(SnapKV):
     head_budgets: str = "adaptive"  # "adaptive" (Ada-KV) or "uniform" (SnapKV)
     floor_alpha: float = 0.2  # safeguard: fraction of the per-head budget every head keeps for itself
     storage: str = "ragged"  # "ragged" (RaggedKV, bytes of the kept tokens) or "padded" (DenseKV of the largest head)
+    allocation: str = "ffy0"  # "ffy0" (authors' code) or "safeguard" (kvpress's rule)
+    gqa_order: str = "reduce_then_pool"  # FFY0's GQA mode; kvpress: "pool_then_reduce"
     name: ClassVar[str] = "adakv"
     family: ClassVar[str] = "eviction"  # (``kind`` is per instance: "ragged" or "dense")
 
@@ -82,6 +120,8 @@ class AdaKV(SnapKV):
             raise ValueError(f"adakv head_budgets must be 'uniform' or 'adaptive', got {self.head_budgets!r}")
         if not 0.0 <= self.floor_alpha <= 1.0:
             raise ValueError(f"adakv floor_alpha must be in [0, 1], got {self.floor_alpha}")
+        if self.allocation not in ("ffy0", "safeguard"):
+            raise ValueError(f"adakv allocation must be 'ffy0' or 'safeguard', got {self.allocation!r}")
         if self.storage not in ("ragged", "padded"):
             raise ValueError(f"adakv storage must be 'ragged' or 'padded', got {self.storage!r}")
 
@@ -97,22 +137,21 @@ class AdaKV(SnapKV):
         if self.head_budgets == "uniform":
             return super().prefill(state, obs, ctx)
         per_head = self.budget - self.window
-        floor = int(per_head * self.floor_alpha)
 
         ragged = self.storage == "ragged"
 
         def one(i, layer, o):
-            keep = _keep(self, layer, o, state.next_pos, per_head, floor)
+            keep = _keep(self, layer, o, state.next_pos, per_head)
             h = layer.k.shape[1]
             traced = isinstance(keep, jax.core.Tracer)
             if traced:  # traced (e.g. inside a jitted chain): static worst case
-                size = min(layer.capacity, self.window + h * per_head)
+                size = min(layer.capacity, self.window + h * per_head + h)  # ffy0's rounding: <= H/2 more
             else:  # eager prefill: the largest head's count
                 size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))
             if not ragged:
                 return compact_ragged(layer, o, keep, size=size, room=ctx.decode_room)
             dense, o = compact_ragged(layer, o, keep, size=size, room=0)
-            bound = dict(size=h * (min(self.budget, layer.capacity) + ctx.decode_room),
+            bound = dict(size=h * (min(self.budget, layer.capacity) + 1 + ctx.decode_room),
                          max_len=size + ctx.decode_room) if traced else {}
             return ragged_from_dense(dense, ctx.decode_room, **bound), o
 

@@ -26,7 +26,9 @@ Defaults follow the authors' code (cakekv, ``experiments/LongBench/pred_cake.py`
 unbiased as ``torch.var``, a budget of 1024 tokens per layer. Deviations: budgets are rounded by water-filling and largest
 remainder (the reference truncates, then spreads the excess of clipped layers evenly); a prompt no longer than the
 budget is kept whole (the reference waits for ``budget + window``); each batch row gets its own allocation (the
-reference runs batch 1); with GQA, indicators are averaged over the query heads of a KV head; global layers only.
+reference runs batch 1); with GQA, the preference is computed over all query heads and the eviction indicators are pooled per query head,
+then averaged over the query heads of a KV head (pool, then mean; ``gqa_reduce`` also offers max / sum), as the
+authors' code does (``attn_cache.reshape(...).mean(-2)`` after pooling); global layers only.
 The allocation needs concrete statistics, so the prefill runs eagerly (``jittable = False``). Per-head budgets live in
 ``extras["cake_budget"]``.
 """

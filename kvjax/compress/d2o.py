@@ -26,6 +26,11 @@ exactly ``L * budget``, at most the prompt, at least 1% of it as the reference's
 batch row; at most one evicted token per decoding step is merged (the cache exceeds its budget by one token per
 step). The layer allocation needs concrete statistics, so the prefill runs eagerly (``jittable = False``). State: ``extras["d2o_score"]``,
 ``["d2o_budget"]``, ``["d2o_recent"]``, ``["d2o_tau"]``, ``["d2o_tau_set"]``.
+
+GQA: the token scores (accumulated column sums) of the query heads sharing a KV head are reduced to one score per KV
+head with ``gqa_reduce`` (mean, default; max or sum), no pooling involved; the layer statistic is computed per query
+head before the head average. The authors' code runs MHA models (Llama-2, hard-coded 32 heads) and keeps one
+selection per head, so kvjax's reduction is exact there.
 """
 from __future__ import annotations
 

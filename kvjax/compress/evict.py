@@ -14,6 +14,8 @@ import numpy as np
 from kvjax.state import DenseKV, KVState, StackedLayers, resize_obs, resize_slots, stack_layers, stackable
 
 BIG = 3e38
+GQA_REDUCE = ("mean", "max", "sum")
+GQA_ORDER = ("pool_then_reduce", "reduce_then_pool")
 
 
 def group_to_kv_heads(x: jax.Array, num_kv_heads: int, reduce: str = "mean") -> jax.Array:
@@ -27,6 +29,20 @@ def group_to_kv_heads(x: jax.Array, num_kv_heads: int, reduce: str = "mean") -> 
     if reduce == "max":
         return g.max(axis=2)
     raise ValueError(f"unknown GQA reduction {reduce!r}; choose mean, sum or max")
+
+
+def reduce_and_pool(votes: jax.Array, num_kv_heads: int, kernel: int, pooling: str, reduce: str = "mean",
+                    order: str = "pool_then_reduce") -> jax.Array:
+    """Per-query-head votes ``(B, Hq, S)`` -> pooled per-KV-head scores ``(B, Hkv, S)``.
+
+    ``order="pool_then_reduce"`` pools every query head, then reduces the GQA group (kvpress); ``"reduce_then_pool"``
+    reduces first, then pools (FFY0/AdaKV's and KVCache-Factory's GQA modes).
+    """
+    if order == "pool_then_reduce":
+        return group_to_kv_heads(pool1d(votes, kernel, pooling), num_kv_heads, reduce)
+    if order == "reduce_then_pool":
+        return pool1d(group_to_kv_heads(votes, num_kv_heads, reduce), kernel, pooling)
+    raise ValueError(f"unknown GQA order {order!r}; choose {' or '.join(GQA_ORDER)}")
 
 
 def recent_mask(layer: DenseKV, next_pos: jax.Array, window: int) -> jax.Array:

@@ -9,8 +9,9 @@ token beyond the budget evicts the lowest-scoring non-recent slot (the remaining
 
 Defaults follow the paper ("half heavy hitters, half recent tokens", ``heavy_ratio = 0.5``) and the authors'
 ``h2o_hf`` real-drop code (scores summed over the prompt's queries, one eviction per generated token). Deviations:
-the budget is a token count per layer and head rather than a fraction of the prompt; with GQA the scores of the query
-heads sharing a KV head are averaged (``gqa_reduce``); acts on global layers only (sliding-window layers are left
+the budget is a token count per layer and head rather than a fraction of the prompt; with GQA the accumulated scores of
+the query heads sharing a KV head are averaged into one score per KV head (``gqa_reduce``: mean, default, or max / sum;
+no pooling, so the order question does not arise; the paper's and authors' models are MHA, where this is exact); acts on global layers only (sliding-window layers are left
 alone). Accumulated scores live in ``extras["h2o"]`` (one float per slot).
 """
 from __future__ import annotations

@@ -17,7 +17,9 @@ SnapKV-style window attention with its defaults. Its budget is replaced by ``bud
 Defaults: anchor ``"random"`` with seed 0 (the OpenVINO GenAI default; also ``zeros``, ``ones``, ``alternate``,
 ``mean`` = per-bit majority of the evicted tokens), a quarter of the budget for representatives. Deviations: the
 paper pairs KVCrush with token-level (head-shared) selections; kvjax selects representatives per KV head among that
-head's evicted tokens, with layer-wide signatures; acts on global layers only.
+head's evicted tokens, with layer-wide signatures; acts on global layers only. GQA: signatures keep one bit per
+*query* head (no reduction); the base method's scores are reduced as that method says (SnapKV: ``gqa_reduce``,
+``gqa_order``).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ prompt longer than the budget is reduced to ``budget`` tokens. State: ``extras["
 Defaults: the authors' code (github.com/Halo-949/LazyEviction) could not be consulted here, so the mechanics follow
 the paper's description and the defaults are kvjax's: ``window = 32`` (as SnapKV's observation window), importance
 threshold 1x the uniform attention level. Deviations: with GQA the attention of the query heads sharing a KV head is
-averaged; the decode hook runs every step (``every = 1``, the tracker needs every step's attention) and the lag is
+averaged before the importance test (``gqa_reduce``: mean, default, max or sum; no pooling); the decode hook runs every step (``every = 1``, the tracker needs every step's attention) and the lag is
 counted inside it; acts on global layers only.
 """
 from __future__ import annotations

@@ -5,17 +5,21 @@ Persistence of importance: tokens that were pivotal once stay pivotal. For every
 last ``history_window`` steps, the steps at which it was *unimportant*: its attention from that step's query was below
 the uniform level ``1/t`` (``t`` = number of tokens the query attended to). The cache grows freely until a head holds
 ``budget`` tokens; it is then compressed by dropping the ``m = drop_fraction * budget`` tokens with the largest
-unimportance counts (older tokens first among ties), never one of the ``recent_window`` newest tokens. Memory thus
-oscillates between ``budget - m`` and ``budget`` tokens per head.
+unimportance counts (older tokens first among ties), never one of the ``recent_window`` newest tokens. During
+decoding memory thus oscillates between ``budget - m`` and ``budget`` tokens per head.
 
 The history lives in ``extras["sh_hist"]``: one bit per slot and history step (a ring of ``history_window`` bits
 packed in uint32 words, indexed by the query position modulo the window), so counting is a population count. At
 prefill the history is filled from the last ``history_window`` prompt queries (observation ``window``); a prompt of
-``budget`` tokens or more is compressed right away.
+more than ``budget`` tokens is compressed right away to exactly ``budget`` tokens per head (the highest counts
+dropped, the recent window protected), so that "budget B" means the same number of kept tokens right after prefill
+as for every other kvjax method (``prefill_target="budget_minus_drop"`` compresses the prompt like any other overflow,
+to ``budget - m``, which is what running the algorithm over the prompt as a stream of buffer overflows gives).
 
 Defaults: the paper's algorithm leaves the budget ``B``, history window ``w``, recent window ``r`` and drop amount
 ``m`` as hyper-parameters and no reference code was released; kvjax uses ``w = B/2``, ``r = B/4`` (rounded down) and
-``m = B/2`` unless given. Deviations: with GQA the attention of the query heads sharing a KV head is averaged before
+``m = B/2`` unless given. Deviations: with GQA the attention of the query heads sharing a KV head is averaged (``gqa_reduce``: mean, default,
+max or sum; no pooling; the paper's OPT models are MHA, where this is exact) before
 thresholding; the threshold uses the tokens actually attended (``1/t`` without compression, the cache size with it);
 acts on global layers only.
 """
@@ -43,6 +47,7 @@ class Scissorhands(Method):
     recent_window: int | None = None  # newest tokens never dropped (None: budget // 4)
     drop_fraction: float = 0.5  # m / budget: tokens dropped at each compression
     gqa_reduce: str = "mean"
+    prefill_target: str = "budget"  # tokens kept after prefill: "budget" or "budget_minus_drop"
     name: ClassVar[str] = "scissorhands"
     stacked_decode: ClassVar[bool] = True
 
@@ -59,6 +64,9 @@ class Scissorhands(Method):
                              f"tokens: recent_window + drop_fraction * budget <= budget ({self.budget})")
         if self.gqa_reduce not in ("mean", "sum", "max"):
             raise ValueError(f"scissorhands gqa_reduce must be mean, sum or max, got {self.gqa_reduce!r}")
+        if self.prefill_target not in ("budget", "budget_minus_drop"):
+            raise ValueError("scissorhands prefill_target must be 'budget' or 'budget_minus_drop', got "
+                             f"{self.prefill_target!r}")
 
     @property
     def history(self) -> int:
@@ -98,10 +106,14 @@ class Scissorhands(Method):
         """Unimportance count per slot ``(B, H, S)`` from the packed history."""
         return jnp.sum(jax.lax.population_count(hist), axis=-1).astype(jnp.int32)
 
-    def _to_drop(self, layer, count, next_pos):
-        """The lowest-priority slots to drop from heads that reached the budget."""
+    def _to_drop(self, layer, count, next_pos, target: int | None = None):
+        """The highest-count slots to drop: with ``target=None`` (decoding) heads holding ``budget`` tokens or more go
+        down to ``budget - m``; with a ``target`` every head above it goes down to ``target`` (prefill)."""
         held = jnp.sum(layer.valid, axis=-1, dtype=jnp.int32)
-        n = jnp.where(held >= self.budget, held - (self.budget - self.drop), 0)
+        if target is None:
+            n = jnp.where(held >= self.budget, held - (self.budget - self.drop), 0)
+        else:
+            n = jnp.maximum(held - target, 0)
         candidates = layer.valid & ~recent_mask(layer, next_pos, self.recent)
         return lowest_mask(-count.astype(jnp.float32), candidates, n)
 
@@ -117,7 +129,8 @@ class Scissorhands(Method):
             below = vis & (att * n_vis < 1.0)
             hist = self._bits(qpos, below)
             layer = layer.replace(extras={**layer.extras, "sh_hist": hist})
-            drop = self._to_drop(layer, self.counts(hist), state.next_pos)
+            target = self.budget if self.prefill_target == "budget" else None
+            drop = self._to_drop(layer, self.counts(hist), state.next_pos, target)
             c = layer.capacity
             kept = min(c, self.budget)  # a row below the budget keeps everything
             room = evict_capacity(kept, self.budget, ctx.decode_room) - kept
