@@ -19,5 +19,5 @@ def get_config() -> ml_collections.ConfigDict:
     })
     c.perplexity = ml_collections.ConfigDict({
         "enabled": True, "corpus": "hamlet", "context_tokens": 64, "eval_tokens": 32, "n_segments": 2,
-        "mode": "chunk"})
+        "mode": ("once", "stream")})
     return c

@@ -474,3 +474,36 @@ def kv_nbytes(tree: Any) -> int:
         if name in ("pos", "fill", "next_pos", "rope_shift"):
             total -= int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def valid_nbytes(tree: Any) -> int:
+    """Bytes of the *valid* entries of ``tree`` (a KV state or a layer): like :func:`nbytes`, but arrays aligned with a
+    layer's slots (leading dims ``(B, Hkv, C)`` of its ``pos``: keys, values, positions, per-slot statistics) count
+    only their valid slots (``pos >= 0``). Padding to the largest head of a ragged layer and free decode room are thus
+    not charged; every other array (quantization scales of packed blocks, per-head counters, ...) counts in full.
+    With :func:`nbytes` (what the state allocates) this brackets what a ragged/varlen layout would need."""
+    total = 0
+
+    def layer_bytes(layer) -> int:
+        pos = getattr(layer, "pos", None)
+        if pos is None or getattr(pos, "ndim", 0) < 3:
+            return nbytes(layer)
+        lead = tuple(pos.shape)  # (B, Hkv, C), or (L, B, Hkv, C) for stacked layers
+        frac = float(np.sum(np.asarray(pos) >= 0)) / max(1, int(np.prod(lead)))
+        out = 0
+        for leaf in jax.tree_util.tree_leaves(layer):
+            if not hasattr(leaf, "shape"):
+                continue
+            b = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+            out += int(round(b * frac)) if tuple(leaf.shape[:len(lead)]) == lead else b
+        return out
+
+    layers = getattr(tree, "layers", None)
+    if layers is None:
+        return layer_bytes(tree)
+    if isinstance(layers, StackedLayers):
+        total += layer_bytes(layers.tree)
+    else:
+        for layer in layers:
+            total += layer_bytes(layer)
+    return total + nbytes(tree.replace(layers=()))

@@ -36,21 +36,50 @@ def test_outputs_written(finished_run):
     report = open(run_dir / "report.md").read()
     assert "![quality vs KV bytes](quality_vs_bytes.png)" in report and "| passkey | 96 | snapkv[budget=48] |" in report
     rows = [json.loads(l) for l in open(run_dir / "results.jsonl")]
-    # 4 method variants... 3 variants x (2 passkey examples + 1 perplexity cell)
-    assert len(rows) == 9
+    # 3 variants x (2 passkey examples + 2 perplexity settings)
+    assert len(rows) == 12
     labels = {r["label"] for r in rows}
     assert labels == {"full", "snapkv[budget=48]", "streaming_llm"}
     by = {(r["label"], r["task"]): r for r in rows}
-    full = by[("full", "perplexity")]
-    assert full["kl_vs_full"] == 0.0 and full["compression_ratio"] == 1.0
+    for setting in ("once", "stream"):
+        full = by[("full", f"perplexity_{setting}")]
+        assert full["kl_vs_full"] == 0.0 and full["compression_ratio"] == 1.0 and full["setting"] == setting
     snap = by[("snapkv[budget=48]", "passkey")]
     assert snap["kv_bytes_prefill"] < by[("full", "passkey")]["kv_bytes_prefill"]
     assert snap["compression_ratio"] > 1.5
     for r in rows:
         assert r["warm"] and r["kv_bytes_prefill"] > 0
+        assert 0 < r["kv_valid_bytes_prefill"] <= r["kv_bytes_prefill"]
     tasks = {s["task"] for s in summary}
-    assert tasks == {"passkey", "perplexity"}
+    assert tasks == {"passkey", "perplexity_once", "perplexity_stream"}
     assert all(s["speed_vs_full"] for s in summary)
+    assert all("kv_valid_bytes" in s and "valid_ratio" in s for s in summary)
+
+
+def test_perplexity_settings_like_for_like(finished_run):
+    """Every method is scored in both settings: "once" (compressed once, the cache grows over the continuation,
+    decode-time eviction off) and "stream" (token by token with each method's decode phase)."""
+    run_dir, summary = finished_run
+    rows = [json.loads(l) for l in open(run_dir / "results.jsonl")]
+    by = {(r["label"], r["task"]): r for r in rows}
+    m = by[("full", "perplexity_once")]["eval_tokens"]
+    # the full cache is the same in both settings (one chunk vs token by token: same numbers up to float error)
+    assert by[("full", "perplexity_once")]["perplexity"] == pytest.approx(
+        by[("full", "perplexity_stream")]["perplexity"], rel=1e-3)
+    # StreamingLLM (a decode-time method): fixed size when streaming, grown by the continuation when compressed once
+    once, stream = by[("streaming_llm", "perplexity_once")], by[("streaming_llm", "perplexity_stream")]
+    assert once["cache_grows"] and not stream["cache_grows"]
+    assert stream["kv_valid_bytes_end"] == stream["kv_valid_bytes_prefill"]  # 4 + 28 tokens, before and after
+    assert once["kv_valid_bytes_end"] > once["kv_valid_bytes_prefill"]
+    # SnapKV (one-shot, no decode phase) grows in both settings and scores alike in both
+    s_once, s_stream = by[("snapkv[budget=48]", "perplexity_once")], by[("snapkv[budget=48]", "perplexity_stream")]
+    assert s_once["cache_grows"] and s_stream["cache_grows"]
+    assert s_once["perplexity"] == pytest.approx(s_stream["perplexity"], rel=1e-3)
+    # valid bytes: the full cache is charged for its prompt tokens only after prefill (the continuation's room is
+    # allocated but empty), and grows by exactly m tokens' worth
+    f = by[("full", "perplexity_once")]
+    assert f["kv_valid_bytes_prefill"] < f["kv_bytes_prefill"] and f["kv_valid_bytes_end"] > f["kv_valid_bytes_prefill"]
+    assert m == 32
 
 
 def test_resume_skips_finished_cells(finished_run):
@@ -95,7 +124,15 @@ def test_report_renders_markdown(finished_run):
 
     run_dir, summary = finished_run
     table = markdown_table(summary)
-    assert table.count("\n") == len(summary) + 1 and "| perplexity |" in table and "snapkv[budget=48]" in table
+    assert table.count("\n") == len(summary) + 1 and "| perplexity_once |" in table and "snapkv[budget=48]" in table
+    assert "(cache grows)" in table  # the "once" setting and one-shot methods streaming let the cache grow
+    from kvjax.eval.report import summary_from_markdown
+
+    back = {(r["label"], r["task"]): r for r in summary_from_markdown(table)}
+    for s in summary:  # allocated and valid bytes survive the markdown round trip (README figures re-plot from it)
+        r = back[(s["label"], s["task"])]
+        assert abs(r["kv_valid_bytes"] - s["kv_valid_bytes"]) < 0.01 * 2**20 and r["valid_ratio"] > 0
+        assert r.get("cache_grows", False) == bool(s.get("cache_grows"))
     assert main([str(run_dir)]) == 0
     assert main([str(run_dir / "missing")]) == 2
 
@@ -139,8 +176,8 @@ def test_cli_list_methods_tasks_and_dry_run(tmp_path, capsys):
                         f"--config.run_dir={tmp_path}/out", "--config.methods.snapkv.budget=(40,48)"],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    # 4 variants x (2 passkey examples + 1 perplexity cell)
-    assert "12 cells (0 already in results.jsonl, 12 to run) in 2 prompt shape(s)" in r.stdout
+    # 4 variants x (2 passkey examples + 2 perplexity settings)
+    assert "16 cells (0 already in results.jsonl, 16 to run) in 2 prompt shape(s)" in r.stdout
     assert "snapkv[budget=40]" in r.stdout and "estimated time: ~" in r.stdout
     assert not (tmp_path / "out").exists()
 
@@ -150,5 +187,24 @@ def test_plan_counts_finished_cells(finished_run):
 
     run_dir, _ = finished_run
     p = plan_experiment(_config(run_dir))
-    assert (p.n_cells, p.n_done, p.shape_groups) == (9, 9, 2)
+    assert (p.n_cells, p.n_done, p.shape_groups) == (12, 12, 2)
     assert ("streaming_llm", "passkey", 96, 2) in p.rows
+
+
+def test_valid_nbytes_counts_only_valid_slots():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kvjax.state import DenseKV, KVState, nbytes, valid_nbytes
+
+    # one layer, B=1, 2 heads, 4 slots, head_dim 2, f32: head 0 holds 3 tokens, head 1 holds 1 (ragged, padded to 4)
+    pos = jnp.asarray([[[0, 1, 2, -1], [5, -1, -1, -1]]], jnp.int32)
+    layer = DenseKV(k=jnp.zeros((1, 2, 4, 2)), v=jnp.zeros((1, 2, 4, 2)), pos=pos, fill=jnp.asarray([[3, 1]], jnp.int32),
+                    extras={"score": jnp.zeros((1, 2, 4)), "per_head": jnp.zeros((1, 2))})
+    state = KVState(layers=(layer,), next_pos=jnp.zeros((1,), jnp.int32), rope_shift=jnp.zeros((1,), jnp.int32))
+    slot_bytes = 4 * (2 + 2 + 1 + 1)  # k, v, pos, score per slot
+    other = 4 * 2 + 4 * 2 + 4 + 4  # fill, per_head, next_pos, rope_shift
+    assert nbytes(state) == 8 * slot_bytes + other
+    assert valid_nbytes(state) == 4 * slot_bytes + other
+    assert valid_nbytes(layer) == 4 * slot_bytes + 4 * 2 + 4 * 2
+    assert np.all(np.asarray(layer.pos) == np.asarray(pos))  # untouched

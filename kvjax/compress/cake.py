@@ -23,7 +23,9 @@ the authors' decoding cache does.
 
 Defaults follow the authors' code (cakekv, ``experiments/LongBench/pred_cake.py``): window 32, ``gamma = 200``,
 ``tau1 = tau2 = 1`` (their tuned per-model values are in ``model2tau.json``), kernel 5 average pooling, variances
-unbiased as ``torch.var``, a budget of 1024 tokens per layer. Deviations: budgets are rounded by water-filling and largest
+unbiased as ``torch.var``, a budget of 1024 tokens per layer (``pooling="maxpool"`` and ``gamma = 0``, an indicator
+equal to the mean window attention, give SnapKV's ranking: the eviction comparison uses them to isolate CAKE's
+allocation). Deviations: budgets are rounded by water-filling and largest
 remainder (the reference truncates, then spreads the excess of clipped layers evenly); a prompt no longer than the
 budget is kept whole (the reference waits for ``budget + window``); each batch row gets its own allocation (the
 reference runs batch 1); with GQA, the preference is computed over all query heads and the eviction indicators are pooled per query head,
@@ -95,6 +97,7 @@ class CAKE(Method):
     budget: int = 1024  # average tokens per layer and head, observation window included
     window: int = 32
     kernel: int = 5
+    pooling: str = "avgpool"  # the authors' avg_pool1d; "maxpool" for comparisons with SnapKV-family settings
     tau1: float = 1.0
     tau2: float = 1.0
     gamma: float = 200.0
@@ -116,6 +119,8 @@ class CAKE(Method):
             raise ValueError(f"cake budget ({self.budget}) must exceed the observation window ({self.window})")
         if self.gqa_reduce not in ("mean", "sum", "max"):
             raise ValueError(f"cake gqa_reduce must be mean, sum or max, got {self.gqa_reduce!r}")
+        if self.pooling not in ("avgpool", "maxpool"):
+            raise ValueError(f"cake pooling must be 'avgpool' or 'maxpool', got {self.pooling!r}")
 
     def observe(self) -> Observe:
         return Observe(window=self.window)
@@ -124,7 +129,7 @@ class CAKE(Method):
         return Observe(colsum=True)
 
     def _score(self, raw, hkv):
-        return group_to_kv_heads(pool1d(raw, self.kernel, "avgpool"), hkv, self.gqa_reduce)
+        return group_to_kv_heads(pool1d(raw, self.kernel, self.pooling), hkv, self.gqa_reduce)
 
     def layer_budgets(self, prefs: np.ndarray, n_valid: np.ndarray) -> np.ndarray:
         """Prefix budgets ``(L, B)`` from preferences ``(L, B)`` and each row's number of valid prompt tokens."""

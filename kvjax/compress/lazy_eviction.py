@@ -17,11 +17,38 @@ At prefill the last ``window`` prompt queries are replayed through the same trac
 prompt longer than the budget is reduced to ``budget`` tokens. State: ``extras["lz_last"]`` / ``extras["lz_mri"]``
 (int32 per slot) and ``extras["lz_t0"]`` (the prompt length, to count decoding steps).
 
-Defaults: the authors' code (github.com/Halo-949/LazyEviction) could not be consulted here, so the mechanics follow
-the paper's description and the defaults are kvjax's: ``window = 32`` (as SnapKV's observation window), importance
-threshold 1x the uniform attention level. Deviations: with GQA the attention of the query heads sharing a KV head is
-averaged before the importance test (``gqa_reduce``: mean, default, max or sum; no pooling); the decode hook runs every step (``every = 1``, the tracker needs every step's attention) and the lag is
-counted inside it; acts on global layers only.
+What was checked, point by point. The authors' code (github.com/Halo-949/LazyEviction) could not be obtained and of
+the paper (v1 and v3 on arXiv) only the abstract and the introduction's opening could be read here, so the check is
+against the abstract's three components:
+
+1. "observation window-based lagged eviction ... performing lagged evictions across decoding steps": kvjax evicts
+   once every ``window`` decoding steps, not every step (matches).
+2. "Recurrence Interval Tracking for capturing temporal variations in token importance": kvjax tracks, per token and
+   KV head, the last step at which it was important and the longest gap between two important steps (matches the
+   name; the exact statistic is not in the text read).
+3. "Maximum Recurrence Interval-Centric Eviction Policy that prioritizes eviction based on tokens' recurrence
+   patterns": kvjax evicts first the tokens whose time since their last important step exceeds their MRI by the
+   most (matches the name; the formula is kvjax's).
+
+Choices the text read leaves open, each kvjax's own (every one a hyper-parameter or stated here):
+
+* importance test: attention from the step's query ``>= threshold / t`` (``threshold = 1``: at least the uniform
+  level; ``t`` = tokens the query attended);
+* a token's insertion counts as its first important step (MRI starts at 0);
+* priority ``MRI - (t - last_important)``; ties evict the older token;
+* observation window ``window = 32`` (as SnapKV's), which is also the number of newest tokens never evicted;
+* prompt tokens are tracked from the last ``window`` prompt queries only and compressed to ``budget`` right after
+  prefill (the paper targets long *generated* reasoning; whether it compresses the prompt is not stated). With a long
+  prompt most prompt tokens then have MRI 0 and are evicted oldest-first;
+* no attention sinks are protected;
+* the budget is a token count per layer and KV head after each eviction (between evictions a head holds up to
+  ``budget + window``);
+* GQA: the attention of the query heads sharing a KV head is averaged before the importance test (``gqa_reduce``:
+  mean, default, max or sum; no pooling);
+* the decode hook runs every step (``every = 1``: the tracker needs every step's attention) and counts the lag itself;
+  acts on global layers only.
+
+Treat its numbers as those of kvjax's reconstruction of the method, not of the paper.
 """
 from __future__ import annotations
 

@@ -66,8 +66,11 @@ def validate(config) -> tuple[list[harness.Variant], dict]:
         lengths += list(spec["context_tokens"])
     ppl = c.get("perplexity", {})
     if ppl.get("enabled"):
-        if ppl.get("mode", "chunk") not in ("chunk", "stream"):
-            raise ConfigError(f"perplexity.mode={ppl['mode']!r}: choose chunk or stream")
+        bad = [m for m in ppl_modes(ppl) if m not in harness.PPL_MODES]
+        if bad or not ppl_modes(ppl):
+            raise ConfigError(f"perplexity.mode={ppl.get('mode')!r}: choose one or more of "
+                              f"{', '.join(harness.PPL_MODES)} (once = compress once then grow, stream = token by "
+                              "token with each method's decode phase)")
         lengths.append(int(ppl["context_tokens"]))
     for v in variants:
         b = harness.method_budget(v.method)
@@ -78,6 +81,12 @@ def validate(config) -> tuple[list[harness.Variant], dict]:
     if not tasks and not ppl.get("enabled"):
         raise ConfigError("nothing to run: config.tasks is empty and perplexity is disabled")
     return variants, tasks
+
+
+def ppl_modes(ppl: dict) -> list[str]:
+    """The perplexity settings a config asks for: ``mode`` is one name or a tuple of them."""
+    mode = ppl.get("mode", "chunk")
+    return [mode] if isinstance(mode, str) else list(mode)
 
 
 def build_groups(lm, tasks: dict, style: str, default_max_new: int) -> list[TaskGroup]:
@@ -145,7 +154,7 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
     # Units of work: one prefill each (an example, or the perplexity batch), compressed by every variant.
     units: list[tuple] = []
     if segments is not None:
-        units.append(("ppl", None, None))
+        units += [("ppl", None, mode) for mode in ppl_modes(ppl)]
     for g in groups:
         for p in g.prepared:
             units.append(("gen", g, p))
@@ -157,7 +166,7 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
     if progress and n_todo < n_cells:
         print(f"resuming {run_dir}: {n_cells - n_todo} of {n_cells} cells already done")
     full = next((v for v in variants if v.is_full), None)
-    ppl_ref = None
+    ppl_ref: dict[str, dict] = {}  # full-cache reference per perplexity setting
     precompile = bool(c.get("precompile", True))
     bar = tqdm(total=n_todo, desc="cells", disable=not progress, dynamic_ncols=True)
     # Prompts are processed in groups of one shape (the perplexity batch; the prompts of one context length): the
@@ -175,10 +184,12 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
             for i in members:
                 unit = todo[i][0]
                 bar.set_postfix_str("prefill " + _where(unit))
-                prefilled[i] = _prefill(lm, unit, variants, ppl, segments, precompile)
+                same = next((j for j in prefilled if todo[j][0][0] == "ppl"), None) if unit[0] == "ppl" else None
+                prefilled[i] = prefilled[same] if same is not None else \
+                    _prefill(lm, unit, variants, ppl, segments, precompile)  # perplexity settings share one prefill
                 if unit[0] == "ppl" and full is not None:
-                    _, ppl_ref = harness.run_perplexity_cell(lm, full, segments, int(ppl["context_tokens"]),
-                                                             ppl.get("mode", "chunk"), None, prefilled[i], precompile)
+                    _, ppl_ref[unit[2]] = harness.run_perplexity_cell(lm, full, segments, int(ppl["context_tokens"]),
+                                                                      unit[2], None, prefilled[i], precompile)
             for v in ordered:
                 for i in members:
                     unit, vs = todo[i]
@@ -213,14 +224,14 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
 
 
 def _where(unit) -> str:
-    kind, g, _ = unit
-    return "perplexity" if kind == "ppl" else f"{g.task}@{g.context_tokens}"
+    kind, g, p = unit
+    return harness.ppl_task_name(p) if kind == "ppl" else f"{g.task}@{g.context_tokens}"
 
 
 def _key(unit, v) -> str:
     kind, g, p = unit
     if kind == "ppl":
-        return harness.cell_key(v.label, harness.PPL_TASK, 0, None, None)
+        return harness.cell_key(v.label, harness.ppl_task_name(p), 0, None, None)
     ex = p.example
     return harness.cell_key(v.label, g.task, g.context_tokens, ex.meta.get("requested_depth", ex.depth), ex.seed)
 
@@ -244,8 +255,8 @@ def _prefill(lm, unit, variants, ppl, segments, precompile: bool):
 def _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled, precompile: bool) -> dict:
     kind, g, p = unit
     if kind == "ppl":
-        row, _ = harness.run_perplexity_cell(lm, v, segments, int(ppl["context_tokens"]), ppl.get("mode", "chunk"),
-                                             ppl_ref, prefilled, precompile)
+        row, _ = harness.run_perplexity_cell(lm, v, segments, int(ppl["context_tokens"]), p, ppl_ref.get(p),
+                                             prefilled, precompile)
         row["corpus"] = ppl["corpus"]
         return row
     row = harness.run_generation_cell(lm, v, p, g.max_new_tokens, prefilled, precompile)

@@ -11,8 +11,10 @@ Measurements, per cell:
   for RULER-style tasks) on the greedy continuation, and the teacher-forced log-probability of the reference answer
   (a smoother signal than accuracy on a small model); perplexity and the KL divergence of next-token distributions
   from the full cache's on real text;
-* bytes: :func:`kvjax.nbytes` of the state after prefill + compression and at the end of decoding, and of the full
-  cache for the same prompt (the shared prefill's state), hence the ratio;
+* bytes: :func:`kvjax.nbytes` of the state after prefill + compression (what the state *allocates*) and at the end
+  of decoding, and of the full cache for the same prompt (the shared prefill's state), hence the ratio; beside it
+  :func:`kvjax.state.valid_nbytes`, the bytes of the *valid* entries (slots holding a token; padding of ragged heads
+  to the largest one and free decode room not charged), and its ratio to the full cache's valid bytes;
 * speed: prefill and compression seconds and decode tokens/s, timed with ``block_until_ready``; every program is
   compiled ahead of its timed call (``jit(...).lower(...).compile()``, which fills the call cache), so no figure
   includes compilation and nothing runs twice.
@@ -39,9 +41,64 @@ from kvjax.compress.base import Context, Identity, Method, get_method
 from kvjax.eval import scoring
 from kvjax.eval.tasks import Example, format_prompt, get_task
 from kvjax.generate import SamplingConfig, compress_prefilled, decode_loop, precompile_prefilled
-from kvjax.state import nbytes
+from kvjax.state import nbytes, valid_nbytes
 
 PPL_TASK = "perplexity"
+# Perplexity settings: "once" = compress the context once, then score the continuation in one chunk while the cache
+# grows (decode-time eviction off: every method compared like one-shot methods, as kvpress does); "stream" = token by
+# token through the cache with each method's decode phase (decode-time methods keep a fixed-size cache; one-shot
+# methods have no decode phase, so their cache grows); "chunk" = the earlier mixed setting (one chunk for one-shot
+# methods, stream for decode-time ones), kept for old configs.
+PPL_MODES = ("once", "stream", "chunk")
+
+
+def ppl_task_name(mode: str) -> str:
+    """Task name of a perplexity setting in results and tables (``perplexity`` for the legacy ``chunk`` setting)."""
+    return PPL_TASK if mode == "chunk" else f"{PPL_TASK}_{mode}"
+
+
+def is_ppl_task(task: str) -> bool:
+    return task == PPL_TASK or task.startswith(PPL_TASK + "_")
+
+
+def grow_room(state, room: int):
+    """``state`` with at least ``room`` free slots after the fullest head of every global dense layer, so that a
+    continuation of ``room`` tokens is appended without decode-time eviction (decode-time methods size their cache to
+    about their budget; StreamingLLM's ``[sinks | window ring]`` layout becomes a plain growing buffer). Sliding-window
+    (local) layers keep their rings."""
+    from kvjax.state import DenseKV, StackedLayers, resize_slots
+
+    if isinstance(state.layers, StackedLayers):
+        return state
+    layers = []
+    for layer in state.layers:
+        if isinstance(layer, DenseKV) and not layer.window:
+            if layer.ring_start >= 0:  # a ring that has wrapped holds `capacity` tokens; new ones go after them
+                layer = layer.replace(ring_start=-1, fill=jnp.minimum(layer.fill, layer.capacity))
+            need = int(np.max(np.asarray(layer.fill))) + room
+            if layer.capacity < need:
+                layer = resize_slots(layer, need)
+        layers.append(layer)
+    return state.replace(layers=tuple(layers))
+
+
+def _global_tokens(state) -> int:
+    """Valid (token-holding) slots summed over the global layers' heads (sliding-window layers excluded)."""
+    from kvjax.state import StackedLayers
+
+    layers = [state.layers.tree] if isinstance(state.layers, StackedLayers) else state.layers
+    return sum(int(np.sum(np.asarray(layer.pos) >= 0)) for layer in layers
+               if hasattr(layer, "pos") and not getattr(layer, "window", 0))
+
+
+def _heads(state) -> int:
+    from kvjax.state import StackedLayers
+
+    layers = [state.layers.tree] if isinstance(state.layers, StackedLayers) else state.layers
+    return sum(int(np.prod(layer.pos.shape[:-1])) for layer in layers
+               if hasattr(layer, "pos") and not getattr(layer, "window", 0))
+
+
 _COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvjax-compile")
 
 
@@ -102,6 +159,12 @@ def _hashable(v):
 
 def _build(name: str, hp: dict) -> Method:
     if name != "chain":
+        if isinstance(hp.get("base"), dict):  # a wrapped method given as {"name": ..., hyper-parameters} (KVCrush)
+            inner = dict(hp["base"])
+            if "name" not in inner:
+                raise ValueError(f"{name}: a base given as a dict needs its method's name, e.g. "
+                                 "{'name': 'snapkv', 'window': 32}")
+            hp = {**hp, "base": get_method(inner.pop("name"), **inner)}
         return get_method(name, **hp)
     from kvjax.compress.base import chain
 
@@ -252,7 +315,7 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
     logits, full_state, obs, prefill_s = prefilled
     room = generation_room(prep, max_new_tokens)
     state, compress_s = compress_variant(lm, variant, full_state, obs, room, len(prep.tokens), precompile)
-    bytes_prefill = nbytes(state)
+    bytes_prefill, valid_prefill = nbytes(state), valid_nbytes(state)
     method = None if variant.is_full else variant.method
     streaming = method if (method is not None and method.has_decode()) else None
     ctx = Context(cfg=model.cfg, decode_room=room, prompt_len=len(prep.tokens)) if streaming else None
@@ -273,12 +336,15 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
     ex = prep.example
     metric = ex.meta.get("metric", "contains_all")
     full_bytes = nbytes(full_state)
+    full_valid = valid_nbytes(full_state)
     return dict(
         task=ex.task, context_tokens=int(ex.meta.get("requested_context_tokens", ex.context_tokens)),
         prompt_tokens=int(prep.mask.sum()), depth=None if math.isnan(ex.depth) else float(ex.depth), seed=ex.seed,
         prediction=text, answers=list(ex.answers), metric=metric, score=float(scoring.score(metric, text, ex.answers)),
         answer_logprob=logp, kv_bytes_prefill=bytes_prefill, kv_bytes_end=nbytes(state), kv_bytes_full=full_bytes,
-        compression_ratio=full_bytes / max(1, bytes_prefill), prefill_s=prefill_s + compress_s,
+        kv_valid_bytes_prefill=valid_prefill, kv_valid_bytes_full=full_valid,
+        compression_ratio=full_bytes / max(1, bytes_prefill), valid_ratio=full_valid / max(1, valid_prefill),
+        prefill_s=prefill_s + compress_s,
         compress_s=compress_s, decode_s=t3 - t2, decode_tokens=n, decode_tok_s=n / max(t3 - t2, 1e-9),
     )
 
@@ -322,12 +388,16 @@ def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_toke
                         reference: dict | None, prefilled, precompile: bool = True) -> tuple[dict, dict]:
     """Perplexity of ``segments[:, context_tokens:]`` after compressing the first ``context_tokens`` tokens.
 
-    ``mode="chunk"``: the continuation is scored in one teacher-forced chunk over the compressed cache (fast); methods
-    with a decode phase are always scored token by token (their cache only holds about the budget). ``mode="stream"``: token by token through the cache with
-    the method's decode phase every ``every`` steps (how StreamingLLM measures perplexity).
+    ``mode="once"``: compressed once, then the continuation is scored in one teacher-forced chunk while the cache grows
+    (decode-time methods get room for it and their decode phase does not run). ``mode="stream"``: token by token
+    through the cache with the method's decode phase every ``every`` steps (how StreamingLLM measures perplexity; a
+    method without a decode phase lets its cache grow, ``cache_grows`` in the row). ``mode="chunk"`` (legacy): "once"
+    for one-shot methods, "stream" for decode-time ones.
     ``prefilled`` = :func:`shared_prefill` of the contexts. Returns the result row and the logits/perplexity that
     serve as the full-cache reference.
     """
+    if mode not in PPL_MODES:
+        raise ValueError(f"perplexity mode must be one of {', '.join(PPL_MODES)}, got {mode!r}")
     model, params = lm.model, lm.params
     b = segments.shape[0]
     cont = jnp.asarray(segments[:, context_tokens:])
@@ -335,17 +405,20 @@ def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_toke
     last, full_state, obs, prefill_s = prefilled
     state, compress_s = compress_variant(lm, variant, full_state, obs, m, context_tokens, precompile)
     method = None if variant.is_full else variant.method
-    bytes_prefill = nbytes(state)
-    if mode == "chunk" and method is not None and method.has_decode():
-        mode = "stream"  # a decode-time method must see the continuation token by token (its cache holds ~budget)
-    if mode == "chunk":
+    bytes_prefill, valid_prefill = nbytes(state), valid_nbytes(state)
+    tokens_prefill = _global_tokens(state)
+    setting = mode
+    if mode == "chunk":  # legacy: a decode-time method sees the continuation token by token (its cache holds ~budget)
+        mode = "stream" if (method is not None and method.has_decode()) else "once"
+    if mode == "once":
+        state = grow_room(state, m)
         if precompile:
             model.compile_forward(params, cont, state, logits="all")
             _chunk_nll.lower(last, jax.ShapeDtypeStruct((b, m, last.shape[-1]), jnp.float32), cont).compile()
         t1 = time.perf_counter()
         rest, state, _ = model.jit_forward(params, cont, state, logits="all")
         nll, logits = _chunk_nll(last, rest, cont)
-    elif mode == "stream":
+    else:  # stream
         ctx = Context(cfg=model.cfg, decode_room=m, prompt_len=context_tokens)
         streaming = method if (method is not None and method.has_decode()) else None
         args = (model, streaming, ctx if streaming else None, params, state, cont, last)
@@ -353,16 +426,19 @@ def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_toke
             _stream_nll.lower(*args).compile()
         t1 = time.perf_counter()
         nll, logits, state = _stream_nll(*args)
-    else:
-        raise ValueError(f"perplexity mode must be 'chunk' or 'stream', got {mode!r}")
     _ready(nll)
     t2 = time.perf_counter()
     nll = np.asarray(nll, np.float64)
-    row = dict(task=PPL_TASK, context_tokens=context_tokens, eval_tokens=m, segments=b, mode=mode,
-               nll=float(nll.mean()), perplexity=float(np.exp(nll.mean())), kv_bytes_prefill=bytes_prefill,
-               kv_bytes_end=nbytes(state), kv_bytes_full=nbytes(full_state), prefill_s=prefill_s + compress_s,
-               compress_s=compress_s, eval_s=t2 - t1, eval_tok_s=b * m / max(t2 - t1, 1e-9))
+    row = dict(task=ppl_task_name(setting), context_tokens=context_tokens, eval_tokens=m, segments=b, mode=mode,
+               setting=setting, nll=float(nll.mean()), perplexity=float(np.exp(nll.mean())),
+               kv_bytes_prefill=bytes_prefill, kv_bytes_end=nbytes(state), kv_bytes_full=nbytes(full_state),
+               kv_valid_bytes_prefill=valid_prefill, kv_valid_bytes_end=valid_nbytes(state),
+               kv_valid_bytes_full=valid_nbytes(full_state), prefill_s=prefill_s + compress_s,
+               compress_s=compress_s, eval_s=t2 - t1, eval_tok_s=b * m / max(t2 - t1, 1e-9),
+               # the cache grew with the continuation (more than half of it kept) rather than holding a fixed size
+               cache_grows=bool(_global_tokens(state) - tokens_prefill > _heads(state) * m / 2))
     row["compression_ratio"] = row["kv_bytes_full"] / max(1, bytes_prefill)
+    row["valid_ratio"] = row["kv_valid_bytes_full"] / max(1, valid_prefill)
     if reference is not None:
         row["kl_vs_full"] = float(scoring.kl_divergence(np.asarray(reference["logits"]).reshape(-1, logits.shape[-1]),
                                                         np.asarray(logits).reshape(-1, logits.shape[-1])))
@@ -402,7 +478,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     out = []
     for (label, task, ctx), rs in groups.items():
         s: dict[str, Any] = dict(label=label, method=rs[0]["method"], task=task, context_tokens=ctx, n=len(rs))
-        if task == PPL_TASK:
+        if is_ppl_task(task):
             nll = float(np.mean([r["nll"] for r in rs]))
             s.update(quality=float(np.exp(nll)), quality_name="perplexity", ci_low=None, ci_high=None)
             kls = [r["kl_vs_full"] for r in rs if "kl_vs_full" in r]
@@ -419,6 +495,12 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
         s["kv_bytes"] = float(np.mean([r["kv_bytes_prefill"] for r in rs]))
         s["kv_bytes_full"] = float(np.mean([r["kv_bytes_full"] for r in rs]))
         s["compression_ratio"] = s["kv_bytes_full"] / max(1.0, s["kv_bytes"])
+        if all("kv_valid_bytes_prefill" in r for r in rs):  # rows of runs before valid bytes were recorded lack it
+            s["kv_valid_bytes"] = float(np.mean([r["kv_valid_bytes_prefill"] for r in rs]))
+            s["kv_valid_bytes_full"] = float(np.mean([r["kv_valid_bytes_full"] for r in rs]))
+            s["valid_ratio"] = s["kv_valid_bytes_full"] / max(1.0, s["kv_valid_bytes"])
+        if is_ppl_task(task) and all("cache_grows" in r for r in rs):
+            s["cache_grows"] = any(r["cache_grows"] for r in rs)
         s["speed_warm"] = any(r.get("warm") for r in rs)
         out.append(s)
     # Speed relative to the full cache of the same task and length, measured in the same run.
@@ -432,14 +514,17 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
 def format_table(summary: list[dict]) -> str:
     """A fixed-width text table of the summary."""
     head = f"{'task':<18}{'ctx':>6} {'method':<34}{'quality':>10}{'ans logp':>10}{'KV MiB':>9}{'ratio':>7}" \
-           f"{'tok/s':>8}{'vs full':>8}"
+           f"{'valid MiB':>10}{'v.ratio':>8}{'tok/s':>8}{'vs full':>8}"
     lines = [head, "-" * len(head)]
     for s in summary:
         q = f"{s['quality']:.3f}" if s["quality_name"] == "accuracy" else f"{s['quality']:.2f}"
         lp = f"{s['answer_logprob']:.2f}" if "answer_logprob" in s else f"{s.get('kl_vs_full', 0):.4f}"
         vs = f"{s['speed_vs_full']:.2f}" if s.get("speed_vs_full") else "-"
+        vb = f"{s['kv_valid_bytes'] / 2**20:.2f}" if "kv_valid_bytes" in s else "-"
+        vr = f"{s['valid_ratio']:.2f}" if "valid_ratio" in s else "-"
         lines.append(f"{s['task']:<18}{s['context_tokens']:>6} {s['label'][:33]:<34}{q:>10}{lp:>10}"
-                     f"{s['kv_bytes'] / 2**20:>9.2f}{s['compression_ratio']:>7.2f}{s['tok_s']:>8.1f}{vs:>8}")
+                     f"{s['kv_bytes'] / 2**20:>9.2f}{s['compression_ratio']:>7.2f}{vb:>10}{vr:>8}{s['tok_s']:>8.1f}"
+                     f"{vs:>8}")
     return "\n".join(lines)
 
 

@@ -131,7 +131,9 @@ def plan_experiment(config) -> Plan:
     units: list[tuple[str, int, int]] = []  # (task, context tokens, examples)
     ppl = c.get("perplexity", {})
     if ppl.get("enabled"):
-        units.append((harness.PPL_TASK, int(ppl["context_tokens"]), 1))
+        from kvjax.eval.experiment import ppl_modes
+
+        units += [(harness.ppl_task_name(m), int(ppl["context_tokens"]), 1) for m in ppl_modes(ppl)]
     for tname, spec in tasks.items():
         per_len = len(spec.get("depths", [0.5])) * len(spec.get("seeds", [0]))
         units += [(tname, int(n), per_len) for n in spec["context_tokens"]]
@@ -144,8 +146,8 @@ def plan_experiment(config) -> Plan:
     # Prompts of one context length share a shape (padded); the perplexity batch is its own shape.
     shapes: dict[tuple, tuple[int, int]] = {}  # shape -> (tokens, examples)
     for t, n, k in units:
-        key = ("ppl",) if t == harness.PPL_TASK else ("gen", n)
-        tok = n + (int(ppl["eval_tokens"]) if t == harness.PPL_TASK else 0)
+        key = ("ppl",) if harness.is_ppl_task(t) else ("gen", n)
+        tok = n + (int(ppl["eval_tokens"]) if harness.is_ppl_task(t) else 0)
         shapes[key] = (tok, shapes.get(key, (tok, 0))[1] + k)
     model = c["model"]["name"]
     scale = MODEL_SCALE.get(model, 1.0)

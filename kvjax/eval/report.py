@@ -9,8 +9,10 @@ directory. From the command line:
   markdown table this module wrote (how the README's figures are made from the stored results, without re-running).
 
 Tables: one row per (method variant, task, context length): quality (accuracy with its 95% Wilson interval, or
-perplexity with the KL divergence from the full cache), teacher-forced answer log-probability, KV bytes after prefill,
-compression ratio against the full cache of the same prompts, decode tokens/s and its ratio to the full cache.
+perplexity with the KL divergence from the full cache, marked "cache grows" when the method's cache was not held at a
+fixed size over the scored continuation), teacher-forced answer log-probability, KV bytes the state allocates after
+prefill and the compression ratio against the full cache of the same prompts, the bytes of its valid entries (no
+padding of ragged heads, no free room) and that ratio, decode tokens/s and its ratio to the full cache.
 
 Plots (:func:`plot_quality_vs_bytes`): one panel per (task, context length, y metric), KV bytes on a log x axis; one
 marker shape per method family (:func:`kvjax.compress.base.method_family`), one colour per method variant (never
@@ -51,18 +53,21 @@ Y_METRICS = {  # key in a summary row -> (axis label, higher is better)
 # Tables
 # ----------------------------------------------------------------------------------------------------------------------
 def markdown_table(summary: list[dict]) -> str:
-    lines = ["| task | ctx | method | quality | answer log-p / KL | KV MiB | ratio | tok/s | speed vs full |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | ctx | method | quality | answer log-p / KL | KV MiB allocated | ratio | KV MiB valid | valid ratio "
+             "| tok/s | speed vs full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         if s["quality_name"] == "accuracy":
             q = f"acc {s['quality']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}] (n={s['n']})"
             extra = f"{s['answer_logprob']:.2f}"
         else:
-            q = f"ppl {s['quality']:.2f}"
+            q = f"ppl {s['quality']:.2f}" + (" (cache grows)" if s.get("cache_grows") else "")
             extra = f"KL {s.get('kl_vs_full', 0.0):.4f}"
         vs = f"{s['speed_vs_full']:.2f}x" if s.get("speed_vs_full") else "-"
+        vb = f"{s['kv_valid_bytes'] / 2**20:.2f}" if "kv_valid_bytes" in s else "-"
+        vr = f"{s['valid_ratio']:.2f}x" if "valid_ratio" in s else "-"
         lines.append(f"| {s['task']} | {s['context_tokens']} | {s['label']} | {q} | {extra} | "
-                     f"{s['kv_bytes'] / 2**20:.2f} | {s['compression_ratio']:.2f}x | {s['tok_s']:.1f} | {vs} |")
+                     f"{s['kv_bytes'] / 2**20:.2f} | {s['compression_ratio']:.2f}x | {vb} | {vr} | {s['tok_s']:.1f} | {vs} |")
     return "\n".join(lines)
 
 
@@ -77,14 +82,24 @@ def summary_from_markdown(text: str, aliases: dict[str, str] | None = None) -> l
     out = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 9 or cells[0] in ("task", "") or set(cells[0]) <= {"-"}:
+        if len(cells) not in (9, 11) or cells[0] in ("task", "") or set(cells[0]) <= {"-"}:
             continue
-        task, ctx, label, quality, extra, mib, ratio, tok_s, vs = cells
+        valid = None
+        if len(cells) == 11:  # tables with allocated and valid bytes
+            task, ctx, label, quality, extra, mib, ratio, vmib, vratio, tok_s, vs = cells
+            valid = (vmib, vratio)
+        else:
+            task, ctx, label, quality, extra, mib, ratio, tok_s, vs = cells
         try:
             s: dict[str, Any] = dict(task=task, context_tokens=int(ctx), label=label,
                                      method=aliases.get(label.split("[")[0], label.split("[")[0]),
                                      kv_bytes=float(mib) * 2**20, compression_ratio=float(ratio.rstrip("x")),
                                      tok_s=float(tok_s), speed_vs_full=None if vs == "-" else float(vs.rstrip("x")))
+            if valid is not None and valid[0] != "-":
+                s.update(kv_valid_bytes=float(valid[0]) * 2**20, valid_ratio=float(valid[1].rstrip("x")))
+            if quality.endswith(" (cache grows)"):
+                quality = quality[:-len(" (cache grows)")]
+                s["cache_grows"] = True
             m = _ACC.fullmatch(quality)
             if m:
                 s.update(quality_name="accuracy", quality=float(m[1]), ci_low=float(m[2]), ci_high=float(m[3]),
