@@ -133,9 +133,13 @@ def tiny():
 def test_adakv_ragged_equals_padded_in_fewer_bytes_and_chains(tiny):
     model, params = tiny
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
-    kw = dict(budget=6, window=3, kernel=3)  # prompt shape and window as tests/test_compress_api.py: shared compiles
+    # prompt shape and window as tests/test_compress_api.py: shared compiles. The safeguard allocation keeps exactly
+    # H * (budget - window) prefix tokens per row (FFY0's rounded rule, the default, may keep up to H / 2 fewer or
+    # more); with the GQA order pool-then-reduce this prompt gets unequal head budgets.
+    kw = dict(budget=6, window=3, kernel=3)
+    ada = dict(kw, allocation="safeguard", gqa_order="pool_then_reduce")
     room = 2
-    states = {s: prefill_compressed(model, params, prompt, method=get_method("adakv", storage=s, **kw),
+    states = {s: prefill_compressed(model, params, prompt, method=get_method("adakv", storage=s, **ada),
                                     decode_room=room)[1] for s in ("ragged", "padded")}
     rag, pad = states["ragged"], states["padded"]
     assert all(isinstance(layer, RaggedKV) for layer in rag.layers)
@@ -153,8 +157,8 @@ def test_adakv_ragged_equals_padded_in_fewer_bytes_and_chains(tiny):
         model.decode_step(params, tok, rag)
     # a quantizer after ragged AdaKV quantizes the exact padded view; a decode-time evictor before it is refused
     kivi = get_method("kivi", bits=4, group=8, residual=8)
-    both = chain(get_method("adakv", **kw), kivi)
-    assert both.kind == "quantized" and chain(get_method("adakv", **kw), get_method("snapkv", **kw)).kind == "dense"
+    both = chain(get_method("adakv", **ada), kivi)
+    assert both.kind == "quantized" and chain(get_method("adakv", **ada), get_method("snapkv", **kw)).kind == "dense"
     got = prefill_compressed(model, params, prompt, method=both, decode_room=room)[1]
     for lq, lp in zip(got.layers, states["padded"].layers):
         assert type(lq).__name__ == "QuantizedKV"
@@ -164,6 +168,6 @@ def test_adakv_ragged_equals_padded_in_fewer_bytes_and_chains(tiny):
                 have = np.asarray(lq.pos[b, h])
                 assert sorted(have[have >= 0].tolist()) == sorted(want[want >= 0].tolist())
     with pytest.raises(ValueError, match="later method of the chain leaves ragged"):
-        chain(get_method("h2o", budget=6), get_method("adakv", **kw))
+        chain(get_method("h2o", budget=6), get_method("adakv", **ada))
     with pytest.raises(ValueError, match="storage"):
         get_method("adakv", storage="paged")
