@@ -5,7 +5,10 @@ For every kernel, context ``C`` and batch ``B`` it times (jitted, median of ``--
 * ``pallas`` — the kernel with ragged per-head ``lengths`` (mean ``--budget * C`` slots per head: an evicted cache);
 * ``pallas_full`` — the same kernel over the whole cache (no ``lengths``);
 * ``reference`` — the jnp reference (same ragged inputs; it reads the whole cache);
-* for the quantized kernel also ``dense_full`` — the dense decode kernel over a bf16/f32 cache of the same shape.
+* for the quantized kernel also ``dense_full`` — the dense decode kernel over a bf16/f32 cache of the same shape;
+* for the ragged kernel (``ragged_decode_attention``: the same per-head lengths stored in one flat buffer per row,
+  no padding) ``pallas`` is the ragged kernel, ``padded`` the dense kernel with ``lengths`` over the padded cache
+  holding the same tokens (every head padded to the largest), ``reference`` the ragged jnp reference.
 
 Reported per row: the bytes the variant must read (payload of the slots it may attend to: K, V, scales, positions),
 time, achieved bandwidth (bytes / time) and its fraction of the device's measured copy bandwidth (``x + 1`` over a
@@ -34,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import decode_attention, prefill_attention_with_scores, quantized_decode_attention  # noqa: E402
+from pallas_kernels import ragged_decode_attention  # noqa: E402
 from pallas_kernels import reference  # noqa: E402
 
 COLUMNS = ["kernel", "variant", "batch", "context", "hq", "hkv", "head_dim", "dtype", "tq", "bits", "mean_len",
@@ -176,6 +180,39 @@ class Runner:
                  self.record(base, "reference", ref, (q, k, v, pos, q_pos, lengths), lens_np.sum() * per_slot)]
         self.finish_group(group)
 
+    def bench_ragged(self, b, c):
+        a = self.args
+        dtype = jnp.dtype(a.dtype)
+        hkv, g, d, tq = a.kv_heads, a.heads // a.kv_heads, a.head_dim, a.decode_tq
+        lens_np = ragged_lengths(np.random.default_rng(4), b, hkv, c, a.budget)
+        cmax = int(lens_np.max())
+        n = int(lens_np.sum(axis=1).max())
+        if 2 * b * (n + hkv * cmax) * d * dtype.itemsize * 1.3 > self.mem_limit:
+            print(f"  skip ragged B={b} C={c}: exceeds the memory limit", flush=True)
+            return
+        q, k, v, pos, q_pos = dense_inputs(jax.random.PRNGKey(5), b, hkv, g, cmax, d, tq, dtype)
+        q_pos = jnp.full((b, tq), c, jnp.int32)
+        starts_np = np.concatenate([np.zeros((b, 1), np.int32), np.cumsum(lens_np, 1)[:, :-1]], 1).astype(np.int32)
+        j = np.arange(n)[None, :]
+        head = (j[:, None, :] >= np.cumsum(lens_np, 1)[:, :, None]).sum(1)  # (B, N)
+        flat_pos = np.where(head < hkv, j - np.take_along_axis(starts_np, np.minimum(head, hkv - 1), 1), -1)
+        kf = jax.random.normal(jax.random.PRNGKey(6), (b, n, d), dtype)
+        vf = jax.random.normal(jax.random.PRNGKey(7), (b, n, d), dtype)
+        fpos, starts, lengths = (jnp.asarray(x.astype(np.int32)) for x in (flat_pos, starts_np, lens_np))
+        per_slot = 2 * d * dtype.itemsize + 4
+        base = dict(kernel="ragged_decode_attention", batch=b, context=c, hq=a.heads, hkv=hkv, head_dim=d,
+                    dtype=dtype.name, tq=tq, bits="", mean_len=f"{lens_np.mean():.0f}")
+        kern = jax.jit(lambda q, k, v, p, qp, s, L: ragged_decode_attention(q, k, v, p, qp, s, L, max_len=cmax,
+                                                                             interpret=self.interpret))
+        padded = jax.jit(lambda q, k, v, p, qp, L: decode_attention(q, k, v, p, qp, lengths=L,
+                                                                    interpret=self.interpret))
+        ref = jax.jit(lambda q, k, v, p, qp, s, L: reference.ragged_decode_attention_reference(q, k, v, p, qp, s, L))
+        group = [self.record(base, "pallas", kern, (q, kf, vf, fpos, q_pos, starts, lengths), lens_np.sum() * per_slot),
+                 self.record(base, "padded", padded, (q, k, v, pos, q_pos, lengths), lens_np.sum() * per_slot),
+                 self.record(base, "reference", ref, (q, kf, vf, fpos, q_pos, starts, lengths),
+                             hkv * b * n * per_slot)]
+        self.finish_group(group)
+
     def bench_quantized(self, b, c):
         a = self.args
         dtype = jnp.dtype(a.dtype)
@@ -285,7 +322,8 @@ class Runner:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="decode,quantized,prefill", help="comma list of decode,quantized,prefill")
+    p.add_argument("--kernels", default="decode,quantized,prefill,ragged",
+                   help="comma list of decode,quantized,prefill,ragged")
     p.add_argument("--contexts", default="4096,16384,65536,131072", help="comma list of cache capacities C")
     p.add_argument("--batches", default="1,8,32", help="comma list of batch sizes (decode kernels)")
     p.add_argument("--prefill-batches", default="1", help="comma list of batch sizes (prefill)")
@@ -319,7 +357,7 @@ def main(argv=None):
     runner = Runner(args)
     runner.measure_copy()
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    unknown = set(kernels) - {"decode", "quantized", "prefill"}
+    unknown = set(kernels) - {"decode", "quantized", "prefill", "ragged"}
     if unknown:
         p.error(f"unknown kernels {sorted(unknown)}")
     for c in parse_ints(args.contexts):
