@@ -48,11 +48,13 @@ def visibility(q_pos: jax.Array, k_pos: jax.Array, window: int = 0) -> jax.Array
     return vis
 
 
-def _scores(q, k, q_pos, k_pos, sm_scale, window, softcap):
+def _scores(q, k, q_pos, k_pos, sm_scale, window, softcap, bias=None):
     """q ``(B, Hkv, G, T, D)``, k ``(B, Hkv, S, D)`` → masked f32 logits ``(B, Hkv, G, T, S)`` and mask."""
     s = jnp.einsum("bhgtd,bhsd->bhgts", q.astype(jnp.float32), k.astype(jnp.float32)) * sm_scale
     if softcap:
         s = softcap * jnp.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias[:, :, None, None, :].astype(jnp.float32)
     vis = visibility(q_pos, k_pos, window)[:, :, None]
     return jnp.where(vis, s, NEG_INF), vis
 
@@ -66,10 +68,13 @@ def _probs(s, vis):
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
                         sm_scale: float | None = None, window: int = 0, softcap: float = 0.0,
-                        observe: Observe = Observe(), q_block: int = 512) -> tuple[jax.Array, dict]:
+                        observe: Observe = Observe(), q_block: int = 512, bias: jax.Array | None = None
+                        ) -> tuple[jax.Array, dict]:
     """Masked GQA attention in plain jnp.
 
     ``q`` ``(B, Hq, T, D)``, ``k``/``v`` ``(B, Hkv, S, D)``, ``q_pos`` ``(B, T)``, ``k_pos`` ``(B, Hkv, S)``.
+    ``bias`` ``(B, Hkv, S)``: optional log-multiplicity added to a slot's logits (a slot standing for ``n`` tokens,
+    like RazorAttention's compensation token, counts ``n`` times in the softmax with ``bias = log n``).
     Returns ``(out (B, Hq, T, Dv), observations)``; queries with no visible key give zeros.
     """
     b, hq, t, d = q.shape
@@ -80,7 +85,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 
     def block(args):
         qb, qpb = args
-        s, vis = _scores(qb, k, qpb, k_pos, scale, window, softcap)
+        s, vis = _scores(qb, k, qpb, k_pos, scale, window, softcap, bias)
         p = _probs(s, vis)
         o = jnp.einsum("bhgts,bhsd->bhgtd", p, v.astype(jnp.float32))
         return o, jnp.sum(p, axis=3)
@@ -102,7 +107,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
         obs["colsum"] = colsum.reshape(b, hq, -1)
     if observe.window:
         w = min(observe.window, t)
-        s, vis = _scores(qg[:, :, :, t - w:], k, q_pos[:, t - w:], k_pos, scale, window, softcap)
+        s, vis = _scores(qg[:, :, :, t - w:], k, q_pos[:, t - w:], k_pos, scale, window, softcap, bias)
         obs["window"] = _probs(s, vis).reshape(b, hq, w, -1)
         obs["window_q"] = q[:, :, t - w:]
     return out.reshape(b, hq, t, -1).astype(q.dtype), obs

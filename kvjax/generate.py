@@ -160,13 +160,13 @@ def stack_for_loop(model: Model, params, state: KVState):
 
     if getattr(model.forward_impl, "raw", model.forward_impl) is not llama.forward or not stackable(params["layers"]):
         return params, state, None
-    params = {**params, "layers": stack_layers(params["layers"])}
+    stacked = {**params, "layers": stack_layers(params["layers"])}
     if stackable(state.layers):
-        return params, state.replace(layers=stack_layers(state.layers)), ()
+        return stacked, state.replace(layers=stack_layers(state.layers)), ()
     padded = pad_stack(state.layers)
-    if padded is None:
+    if padded is None:  # mixed layer classes (e.g. ragged layers of different sizes): unrolled, params as given
         return params, state, None
-    return params, state.replace(layers=padded[0]), padded[1]
+    return stacked, state.replace(layers=padded[0]), padded[1]
 
 
 def unstack_after_loop(state: KVState, layout) -> KVState:

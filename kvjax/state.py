@@ -125,6 +125,9 @@ class RaggedKV:
       ``offsets[:, h] + fill[:, h]``; a head whose segment is full drops further tokens, as a full plain
       :class:`DenseKV` does — compression methods size the room so that this never happens);
     * ``extras``: per-method arrays, per head ``(B, H, ...)`` or flat-slot-aligned ``(B, N, ...)``;
+    * optional weighted slots: ``weight_slot`` ``(B, H)`` int32 (a flat slot of each head, ``-1`` = none) and
+      ``log_weight`` ``(B, H)`` f32: that slot stands for ``exp(log_weight)`` tokens and counts that many times in
+      the softmax (RazorAttention's compensation token: the mean of ``n`` dropped tokens, weighted by ``n``);
     * static ``window`` (sliding window, 0 = global) and ``max_len``: the largest segment of any row and head, the
       capacity of the padded view :meth:`to_dense` and the loop bound of the ragged decode kernel. It only sizes
       computations, never storage.
@@ -144,6 +147,8 @@ class RaggedKV:
     offsets: Array
     fill: Array
     extras: dict[str, Array] = struct.field(default_factory=dict)
+    weight_slot: Array | None = None
+    log_weight: Array | None = None
     window: int = struct.field(pytree_node=False, default=0)
     max_len: int = struct.field(pytree_node=False, default=1)
     ring_start = -1  # never a ring buffer (class attribute, so ``getattr(layer, "ring_start", -1)`` works)
@@ -187,8 +192,23 @@ class RaggedKV:
         ok = (j < jnp.minimum(self.fill, self.head_capacity)[..., None]) & (idx < self.flat_size)
         return jnp.clip(idx, 0, self.flat_size - 1), ok
 
-    def to_dense(self) -> DenseKV:
-        """The padded :class:`DenseKV` holding the same tokens: head ``h``'s segment in slots ``[0, max_len)``."""
+    def view_bias(self) -> Array | None:
+        """``(B, H, max_len)`` log-multiplicities of the padded view's slots (``None`` without weighted slots)."""
+        if self.weight_slot is None:
+            return None
+        idx, ok = self.view_index()
+        hit = ok & (idx == self.weight_slot[..., None])
+        return jnp.where(hit, self.log_weight[..., None].astype(jnp.float32), 0.0)
+
+    def to_dense(self, strict: bool = True) -> DenseKV:
+        """The padded :class:`DenseKV` holding the same tokens: head ``h``'s segment in slots ``[0, max_len)``.
+
+        A layer with weighted slots has no exact dense equivalent (a dense cache counts every slot once): that
+        raises unless ``strict=False`` (inspection, tests), which drops the weights."""
+        if strict and self.weight_slot is not None:
+            raise ValueError("this ragged layer has weighted slots (e.g. RazorAttention's compensation tokens); a "
+                             "dense cache would count them once. Chain it with methods that keep ragged layers, or "
+                             "build it without weights (razor: count_weight=False)")
         idx, ok = self.view_index()
 
         def gather(x, fill_value=0):
@@ -202,7 +222,7 @@ class RaggedKV:
 
     def dense(self) -> tuple[Array, Array]:
         """Keys and values of the padded view ``(B, H, max_len, D)`` (aligned with ``to_dense().pos``)."""
-        return self.to_dense().dense()
+        return self.to_dense(strict=False).dense()
 
     def append(self, k: Array, v: Array, pos: Array) -> "RaggedKV":
         """Writes ``n`` new tokens (``k``/``v`` ``(B, H, n, D)``, ``pos`` ``(B, n)``, ``-1`` = padding, stored as an
@@ -237,11 +257,12 @@ class RaggedKV:
             lengths = jnp.minimum(self.fill, self.head_capacity)
             out = ragged_decode_attention(q, self.k, self.v, self.pos, q_pos, self.starts, lengths,
                                           max_len=self.max_len, sm_scale=sm_scale, window=self.window,
-                                          logit_softcap=softcap)
+                                          logit_softcap=softcap, weight_slot=self.weight_slot,
+                                          log_weight=self.log_weight)
             return out, {}
-        view = self.to_dense()
+        view = self.to_dense(strict=False)
         return reference_attention(q, view.k, view.v, q_pos, view.pos, sm_scale=sm_scale, window=self.window,
-                                   softcap=softcap, observe=observe)
+                                   softcap=softcap, observe=observe, bias=self.view_bias())
 
 
 def _flat_aligned(layer: RaggedKV, x: Array) -> bool:
@@ -293,12 +314,17 @@ def _ragged_gather(layer: DenseKV, offsets: Array, size: int, max_len: int) -> R
                     max_len=max_len)
 
 
-def as_dense_layer(layer):
-    """``layer`` as a :class:`DenseKV` when it is a :class:`RaggedKV` (its exact padded view), else unchanged."""
-    return _to_dense(layer) if isinstance(layer, RaggedKV) else layer
+def as_dense_layer(layer, strict: bool = True):
+    """``layer`` as a :class:`DenseKV` when it is a :class:`RaggedKV` (its exact padded view), else unchanged.
+    ``strict=False`` also converts layers with weighted slots (dropping the weights: for inspection)."""
+    if not isinstance(layer, RaggedKV):
+        return layer
+    if strict and layer.weight_slot is not None:
+        layer.to_dense(strict=True)  # raises: a dense cache cannot hold the weights
+    return _to_dense(layer)
 
 
-_to_dense = jax.jit(lambda layer: layer.to_dense())
+_to_dense = jax.jit(lambda layer: layer.to_dense(strict=False))
 
 
 @struct.dataclass

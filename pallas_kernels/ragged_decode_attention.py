@@ -33,6 +33,20 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _common as cm
 from pallas_kernels import _flash
 
+def _update(carry, q, k, v, qp, kp, ok, bias, *, sm_scale, softcap, window):
+    """:func:`pallas_kernels._common.online_softmax_update` with a per-key logit ``bias`` ``(1, N)``."""
+    m_prev, l_prev, acc_prev = carry
+    s, mask = cm.masked_scores(q, k, qp, kp, ok, sm_scale=sm_scale, softcap=softcap, window=window)
+    s = jnp.where(mask, s + bias, s)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    v32 = v if v.dtype == jnp.float32 else v.astype(jnp.float32)
+    v = jnp.where(jnp.isfinite(v32), v, jnp.zeros_like(v))
+    return m_new, l_new, alpha * acc_prev + cm.dot_nn(p.astype(v.dtype), v)
+
+
 _STATIC = ("max_len", "sm_scale", "window", "logit_softcap", "block_k", "num_splits", "interpret", "backend")
 
 
@@ -68,7 +82,8 @@ def ragged_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.A
                             starts: jax.Array, lengths: jax.Array, *, max_len: int | None = None,
                             sm_scale: float | None = None, window: int = 0, logit_softcap: float = 0.0,
                             block_k: int | None = None, num_splits: int | None = None,
-                            interpret: bool | None = None, backend: str | None = None) -> jax.Array:
+                            interpret: bool | None = None, backend: str | None = None,
+                            weight_slot: jax.Array | None = None, log_weight: jax.Array | None = None) -> jax.Array:
     """GQA decode attention over a ragged (flat, per-head segment) cache layer.
 
     Args:
@@ -80,6 +95,8 @@ def ragged_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.A
       max_len: static bound on ``lengths`` (default ``N``): sizes the split plan, never read past.
       sm_scale, window, logit_softcap, block_k, num_splits, interpret, backend: as
         :func:`pallas_kernels.decode_attention`.
+      weight_slot, log_weight: optional ``(B, Hkv)`` int32 / float: flat slot ``weight_slot`` of head ``h`` counts
+        ``exp(log_weight)`` times in the softmax (its logit gets ``+ log_weight``; ``-1`` = no such slot).
 
     Returns ``(B, Hq, Tq, Dv)`` in ``q.dtype``.
     """
@@ -109,14 +126,20 @@ def ragged_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.A
     rows = gp * bq
     starts = jnp.clip(starts.astype(jnp.int32), 0, n)
     lens = jnp.clip(lengths.astype(jnp.int32), 0, n - starts)
-    update = functools.partial(cm.online_softmax_update, sm_scale=scale, softcap=float(logit_softcap),
-                               window=int(window))
+    update = functools.partial(_update, sm_scale=scale, softcap=float(logit_softcap), window=int(window))
     split = nbs * bk
+    if weight_slot is None:
+        wslot = jnp.full((b, hkv), -1, jnp.int32)
+        wlog = jnp.zeros((b, hkv), jnp.float32)
+    else:
+        wslot, wlog = weight_slot.astype(jnp.int32), log_weight.astype(jnp.float32)
 
-    def kernel(start_ref, len_ref, q_ref, qp_ref, pos_ref, k_ref, v_ref, m_ref, l_ref, acc_ref):
+    def kernel(start_ref, len_ref, ws_ref, wl_ref, q_ref, qp_ref, pos_ref, k_ref, v_ref, m_ref, l_ref, acc_ref):
         s_ = pl.program_id(3)
         seg0 = start_ref[0]
         length = len_ref[0]
+        ws = ws_ref[0]
+        wl = wl_ref[0]
         first = s_ * split
         n_blk = jnp.clip(cm.cdiv_nonneg(length - first, bk), 0, nbs)
         qv = q_ref[...].reshape(rows, d)
@@ -130,7 +153,8 @@ def ragged_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.A
             kp = pos_ref[:, pl.ds(at, bk)]
             kb = k_ref[pl.ds(at, bk), :].astype(q_ref.dtype)
             vb = v_ref[pl.ds(at, bk), :].astype(q_ref.dtype)
-            return update(carry, qv, kb, vb, qp, kp, ok)
+            bias = jnp.where(slot == ws, wl, 0.0)
+            return update(carry, qv, kb, vb, qp, kp, ok, bias)
 
         carry = lax.fori_loop(0, n_blk, body, cm.init_carry(rows, dv))
         m_ref[...] = carry[0].reshape(m_ref.shape)
@@ -139,6 +163,8 @@ def ragged_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.A
 
     out_map = lambda b_, h_, qi, s_: (b_, h_, s_, 0, qi, 0)  # noqa: E731
     in_specs = [
+        pl.BlockSpec((None, None, 1), lambda b_, h_, qi, s_: (b_, h_, 0)),
+        pl.BlockSpec((None, None, 1), lambda b_, h_, qi, s_: (b_, h_, 0)),
         pl.BlockSpec((None, None, 1), lambda b_, h_, qi, s_: (b_, h_, 0)),
         pl.BlockSpec((None, None, 1), lambda b_, h_, qi, s_: (b_, h_, 0)),
         pl.BlockSpec((None, None, gp, bq, d), lambda b_, h_, qi, s_: (b_, h_, 0, qi, 0)),
@@ -156,7 +182,8 @@ def ragged_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.A
     call = pl.pallas_call(kernel, grid=(b, hkv, nq, ns), in_specs=in_specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interp,
                           compiler_params=cm.compiler_params(plat, "loop", 4, 0))
-    m, l, acc = call(starts.reshape(b, hkv, 1), lens.reshape(b, hkv, 1), q5, qpos4,
+    m, l, acc = call(starts.reshape(b, hkv, 1), lens.reshape(b, hkv, 1), wslot.reshape(b, hkv, 1),
+                     wlog.reshape(b, hkv, 1), q5, qpos4,
                      pos.astype(jnp.int32).reshape(b, 1, n), k, v)
     out = cm.combine_splits(m, l, acc, axis=2)[:, :, :g, :tq]
     return out.reshape(b, hkv * g, tq, dv).astype(q.dtype)

@@ -18,7 +18,7 @@ from pallas_kernels._common import PrefillOutput
 _HI = lax.Precision.HIGHEST
 
 
-def _probs(q, k, pos, q_pos, slot_ok, *, sm_scale, window, logit_softcap):
+def _probs(q, k, pos, q_pos, slot_ok, *, sm_scale, window, logit_softcap, bias=None):
     """``q (B, Hq, Tq, D)``, ``k (B, Hkv, C, D)`` → probabilities ``(B, Hkv, G, Tq, C)`` f32 and visibility."""
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
@@ -28,6 +28,8 @@ def _probs(q, k, pos, q_pos, slot_ok, *, sm_scale, window, logit_softcap):
     s = jnp.einsum("bhgtd,bhcd->bhgtc", qg, k.astype(jnp.float32), precision=_HI) * scale
     if logit_softcap:
         s = logit_softcap * jnp.tanh(s / logit_softcap)
+    if bias is not None:  # (B, Hkv, C) log-multiplicity of a slot
+        s = s + bias[:, :, None, None, :].astype(jnp.float32)
     qp = q_pos[:, None, None, :, None]
     kp = pos[:, :, None, None, :]
     vis = slot_ok[:, :, None, None, :] & (kp >= 0) & (qp >= 0) & (kp <= qp)
@@ -47,10 +49,11 @@ def _slot_ok(lengths, b, hkv, c):
     return jnp.arange(c, dtype=jnp.int32)[None, None, :] < lengths[:, :, None]
 
 
-def _attend(q, k, v, pos, q_pos, slot_ok, *, sm_scale, window, logit_softcap):
+def _attend(q, k, v, pos, q_pos, slot_ok, *, sm_scale, window, logit_softcap, bias=None):
     b, hq, tq, _ = q.shape
     hkv = k.shape[1]
-    p, _ = _probs(q, k, pos, q_pos, slot_ok, sm_scale=sm_scale, window=window, logit_softcap=logit_softcap)
+    p, _ = _probs(q, k, pos, q_pos, slot_ok, sm_scale=sm_scale, window=window, logit_softcap=logit_softcap,
+                  bias=bias)
     valid = slot_ok & (pos >= 0)
     v32 = jnp.where(valid[..., None], v.astype(jnp.float32), 0.0)  # invisible slots may hold NaN
     out = jnp.einsum("bhgtc,bhcd->bhgtd", p, v32, precision=_HI)
@@ -117,7 +120,8 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
 
 
 def ragged_decode_attention_reference(q, k, v, pos, q_pos, starts, lengths, *, max_len=None, sm_scale=None,
-                                      window: int = 0, logit_softcap: float = 0.0, **_ignored):
+                                      window: int = 0, logit_softcap: float = 0.0, weight_slot=None,
+                                      log_weight=None, **_ignored):
     """Reference of :func:`pallas_kernels.ragged_decode_attention`: every KV head attends over the whole flat
     buffer with the slots outside its segment ``[starts, starts + lengths)`` masked (``H`` times the work of the
     kernel, no gather)."""
@@ -128,7 +132,9 @@ def ragged_decode_attention_reference(q, k, v, pos, q_pos, starts, lengths, *, m
     kh = jnp.broadcast_to(k[:, None], (b, hkv) + k.shape[1:])
     vh = jnp.broadcast_to(v[:, None], (b, hkv) + v.shape[1:])
     ph = jnp.broadcast_to(pos[:, None], (b, hkv, n))
-    out, _ = _attend(q, kh, vh, ph, q_pos, ok, sm_scale=sm_scale, window=window, logit_softcap=logit_softcap)
+    bias = None if weight_slot is None else jnp.where(slot == weight_slot[:, :, None], log_weight[:, :, None], 0.0)
+    out, _ = _attend(q, kh, vh, ph, q_pos, ok, sm_scale=sm_scale, window=window, logit_softcap=logit_softcap,
+                     bias=bias)
     return out
 
 

@@ -53,11 +53,14 @@ FACTORIES = {
     "d2o": lambda b: get_method("d2o", budget=b, n_sink=1),
     "kvcrush": lambda b: get_method("kvcrush", budget=b, base=get_method("snapkv", window=W, kernel=3),
                                     anchor="alternate"),
+    # sinks 1 + buffer (b - 2) + compensation token = b slots in the non-retrieval heads; (layer 0, head 1) and
+    # (layer 1, head 0) are retrieval heads (whole context)
+    "razor": lambda b: get_method("razor", n_sink=1, min_buffer=b - 2, ratio=1e9, heads=((0, 1), (1, 0))),
     "locret": lambda b: get_method("locret", budget=b, chunk_size=T, stabilizers=1, local_len=1, heads=LOCRET_HEADS),
 }
 LOCRET_HEADS = RetainingHeads(init_heads(CFG, jax.random.PRNGKey(0), 16))  # random retaining heads (Locret)
 LAYER_ADAPTIVE = {"pyramidkv", "cake", "d2o"}  # per-layer budgets: the average over layers is the budget
-MERGING = {"d2o"}  # stored values may be merges of several tokens
+MERGING = {"d2o", "razor"}  # stored values may be merges of several tokens (Razor: the compensation token)
 CTX = Context(cfg=CFG, decode_room=ROOM, prompt_len=T)
 
 
@@ -137,7 +140,7 @@ def decode_step(rng, state, method, ctx, full, seen=None):
         fk, fv, fpos = full[i]
         full[i] = (np.concatenate([fk, k], 2), np.concatenate([fv, v], 2),
                    np.concatenate([fpos, np.asarray(state.next_pos)[:, None]], 1))
-        valid = np.asarray(as_dense_layer(layer).valid)  # ragged layers: observations in padded-view order
+        valid = np.asarray(as_dense_layer(layer, strict=False).valid)  # ragged layers: observations in padded-view order
         p = _softmax(rng.normal(size=(B, HQ, layer.capacity)) * 2, np.repeat(valid, HQ // HKV, axis=1))
         layers.append(layer)
         step_obs.append({"colsum": jnp.asarray(p, jnp.float32)})
@@ -162,7 +165,7 @@ def run_prefill(method, state, obs, ctx):
 def check_valid(state, full, *, check_values=True):
     """Positions unique among valid slots, fill consistent, positions/keys/values those of original tokens."""
     for i, layer in enumerate(state.layers):
-        layer = as_dense_layer(layer)  # a ragged layer is checked through its exact padded view
+        layer = as_dense_layer(layer, strict=False)  # a ragged layer is checked through its exact padded view
         pos = np.asarray(layer.pos)
         fill = np.asarray(layer.fill)
         fk, fv, fpos = full[i]
@@ -184,17 +187,21 @@ def check_valid(state, full, *, check_values=True):
 
 
 def held(layer) -> np.ndarray:
-    return np.asarray(jnp.sum(as_dense_layer(layer).valid, axis=-1))
+    return np.asarray(jnp.sum(as_dense_layer(layer, strict=False).valid, axis=-1))
 
 
 def check_budget(name, method, state, steps):
     """No head holds more than the method's budget (per-layer budgets for layer-adaptive methods)."""
-    budget = method.budget
+    budget = getattr(method, "budget", 0)
     grow = 0 if method.has_decode() else steps  # one-shot methods let decoded tokens accumulate
     if name == "lazy_eviction":  # lagged: evicts every `window` steps
         grow = steps % method.window
     for i, layer in enumerate(state.layers):
         h = held(layer)
+        if name == "razor":  # retrieval heads keep everything; the others sinks + buffer + compensation token
+            local = [hd for hd in range(HKV) if (i, hd) not in method.heads]
+            assert (h[:, local] <= method.n_sink + method.min_buffer + 1 + grow).all(), (name, i, h)
+            continue
         if name == "adakv" and method.head_budgets == "adaptive":
             assert (h.sum(axis=1) <= HKV * (budget + grow)).all(), (name, h)
             continue
