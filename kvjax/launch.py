@@ -44,6 +44,11 @@ def main(argv) -> int:
         return 0
     from kvjax.eval.experiment import ConfigError
 
+    if _DRY_RUN.value and "train" in _CONFIG.value:
+        t = _CONFIG.value.train
+        print(f"training {t.kind} on {_CONFIG.value.model.name}: {t.steps} steps of {t.data.batch_size} x "
+              f"{t.data.seq_len} tokens from {', '.join(t.data.sources)} -> {_CONFIG.value.run_dir}/ckpt")
+        return 0
     if _DRY_RUN.value:
         try:
             print(plan.plan_experiment(_CONFIG.value).format())

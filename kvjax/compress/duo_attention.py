@@ -147,6 +147,7 @@ class DuoAttention(Method):
     n_sink: int = 64
     recent: int = 256
     name: ClassVar[str] = "duo_attention"
+    family: ClassVar[str] = "eviction"  # its decode phase is a no-op (the rings wrap by themselves)
     jittable: ClassVar[bool] = False  # builds layers of data-dependent (gate-dependent) head splits
 
     def __post_init__(self):
