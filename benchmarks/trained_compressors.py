@@ -1,0 +1,194 @@
+"""Before/after tables of the trained compressors on the embedded SmolLM2-135M (CPU).
+
+    python benchmarks/trained_compressors.py locret --heads runs/locret/ckpt --budget 128
+    python benchmarks/trained_compressors.py duo --gates runs/duo/ckpt --sparsities 0.25,0.5,0.75
+
+``locret``: full cache, SnapKV, H2O and Locret (chunked prefill with its trained heads) at the same final budget
+(tokens per layer and head): single-needle accuracy over ``--n`` prompts (Wikipedia filler, ~``--context`` tokens,
+depths spread over the context), the teacher-forced answer log-probability, the perplexity of ``--ppl_tokens``
+held-out Wikipedia tokens after a ``--ppl_context``-token compressed context, the peak KV bytes held while the
+prompt is prefilled (SnapKV and H2O need the whole prompt cached first; Locret never holds more than budget + one
+chunk) and the bytes after compression.
+
+``duo``: full cache, StreamingLLM (the same sinks + window, original positions) and DuoAttention at several
+sparsities: the same quality metrics (needle and passkey prompts), KV bytes, and greedy decode tokens/s.
+
+Writes ``<out>/<kind>.json`` and ``<out>/<kind>.md`` (default ``docs/results``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.compress import Context, get_method
+from kvjax.eval import harness, scoring
+from kvjax.eval.tasks import sweep
+from kvjax.generate import SamplingConfig, decode_loop, prefill_chunked, prefill_compressed
+from kvjax.state import kv_nbytes, nbytes
+
+
+def _ready(x):
+    return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def prompts(lm, task: str, n: int, context: int, filler: str):
+    depths = list(np.linspace(0.1, 0.9, n))
+    examples = [sweep(task, [context], [d], [i], lm.tokenizer.count, filler=filler)[0] for i, d in enumerate(depths)]
+    prep = harness.prepare_examples(lm, examples, "plain")
+    return prep
+
+
+def compress(lm, method, prep, room: int, chunk: int | None):
+    """``(last logits, state, peak prefill bytes)``."""
+    tokens = jnp.asarray(prep.tokens[None])
+    mask = jnp.asarray(prep.mask[None])
+    if chunk:
+        res = prefill_chunked(lm.model, lm.params, tokens, method, chunk_size=chunk, prompt_mask=mask,
+                              decode_room=room)
+        return res.logits, res.state, res.peak_bytes
+    logits, state = prefill_compressed(lm.model, lm.params, tokens, method=method, prompt_mask=mask,
+                                       decode_room=room)
+    full_peak = nbytes(lm.model.init_state(1, tokens.shape[1] + (room if method is None else 0)))
+    return logits, state, full_peak
+
+
+def gen_cell(lm, method, prep, max_new: int, chunk: int | None) -> dict:
+    room = harness.generation_room(prep, max_new)
+    logits, state, peak = compress(lm, method, prep, room, chunk)
+    streaming = method if (method is not None and method.has_decode()) else None
+    ctx = Context(cfg=lm.cfg, decode_room=room, prompt_len=len(prep.tokens)) if streaming else None
+    logp = harness.answer_logprob(lm.model, lm.params, state, logits, prep.answer_ids, prep.answer_mask, streaming,
+                                  ctx)
+    args = (lm.model, lm.params, logits, state, jax.random.PRNGKey(0), max_new, SamplingConfig(),
+            tuple(lm.stop_tokens()), streaming, ctx)
+    decode_loop.lower(*args).compile()
+    t0 = time.perf_counter()
+    out, lengths, end = _ready(decode_loop(*args))
+    dt = time.perf_counter() - t0
+    n = int(lengths[0])
+    text = lm.tokenizer.decode(np.asarray(out[0, :n]).tolist(), skip_special_tokens=True)
+    ex = prep.example
+    return dict(task=ex.task, depth=float(ex.depth), prediction=text, answers=list(ex.answers),
+                score=float(scoring.score(ex.meta.get("metric", "contains_all"), text, ex.answers)),
+                answer_logprob=logp, peak_prefill_bytes=int(peak), kv_bytes=int(kv_nbytes(state)),
+                bytes=int(nbytes(state)), decode_tok_s=n / max(dt, 1e-9), decode_tokens=n)
+
+
+def ppl_cell(lm, method, ctx_tokens: int, eval_tokens: int, chunk: int | None) -> float:
+    from kvjax.data.corpora import load_text  # noqa: PLC0415
+
+    ids = np.asarray(lm.tokenizer.encode(load_text("wikipedia")[-400_000:]), np.int32)  # held-out end of the text
+    seg = ids[-(ctx_tokens + eval_tokens):]
+    prep = harness.Prepared(None, seg[:ctx_tokens], np.ones(ctx_tokens, bool), np.zeros(1, np.int32),
+                            np.zeros(1, bool))
+    logits, state, _ = compress(lm, method, prep, eval_tokens, chunk)
+    target = jnp.asarray(seg[None, ctx_tokens:])
+    if method is not None and method.has_decode():
+        ctx = Context(cfg=lm.cfg, decode_room=eval_tokens, prompt_len=ctx_tokens)
+        nll, _, _ = harness._stream_nll(lm.model, method, ctx, lm.params, state, target, logits)
+        return float(np.exp(np.asarray(nll).mean()))
+    rest, _, _ = lm.model.jit_forward(lm.params, target[:, :-1], state, logits="all")
+    nll = harness._chunk_nll(logits, rest, target)
+    return float(np.exp(np.asarray(nll).mean()))
+
+
+def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    out = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r[k]) for _, k in cols) + " |")
+    return "\n".join(out)
+
+
+def summarize(label, cells, ppl, extra=None) -> dict:
+    acc = [c["score"] for c in cells]
+    r = dict(method=label, acc=f"{int(sum(acc))}/{len(acc)}",
+             logp=f"{np.mean([c['answer_logprob'] for c in cells]):.2f}", ppl=f"{ppl:.2f}",
+             peak=f"{np.max([c['peak_prefill_bytes'] for c in cells]) / 2**20:.2f} MiB",
+             kv=f"{np.mean([c['kv_bytes'] for c in cells]) / 2**20:.2f} MiB",
+             tok_s=f"{np.median([c['decode_tok_s'] for c in cells]):.1f}")
+    r.update(extra or {})
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=("locret", "duo"))
+    ap.add_argument("--heads", default="runs/locret/ckpt")
+    ap.add_argument("--gates", default="runs/duo/ckpt")
+    ap.add_argument("--budget", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--stabilizers", type=int, default=48)
+    ap.add_argument("--local_len", type=int, default=16)
+    ap.add_argument("--sparsities", default="0.25,0.5,0.75")
+    ap.add_argument("--n_sink", type=int, default=16)
+    ap.add_argument("--recent", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--max_new", type=int, default=12)
+    ap.add_argument("--ppl_context", type=int, default=768)
+    ap.add_argument("--ppl_tokens", type=int, default=256)
+    ap.add_argument("--out", default="docs/results")
+    a = ap.parse_args()
+    from kvjax.pretrained import load_pretrained  # noqa: PLC0415
+
+    lm = load_pretrained("smollm2-135m", progress=False)
+    tasks = [("niah_single", "wikipedia")] if a.kind == "locret" else [("niah_single", "wikipedia"),
+                                                                        ("passkey", "shakespeare")]
+    preps = []
+    for task, filler in tasks:
+        preps += prompts(lm, task, a.n, a.context, filler)
+    t = max(len(p.tokens) for p in preps)
+    preps = harness.pad_prepared(preps, t)
+    if a.kind == "locret":
+        variants = [("full", None, None),
+                    (f"SnapKV {a.budget}", get_method("snapkv", budget=a.budget), None),
+                    (f"H2O {a.budget}", get_method("h2o", budget=a.budget), None),
+                    (f"Locret {a.budget} (chunk {a.chunk})",
+                     get_method("locret", heads=a.heads, budget=a.budget, chunk_size=a.chunk,
+                                stabilizers=a.stabilizers, local_len=a.local_len), a.chunk)]
+    else:
+        gates = get_method("duo_attention", gates=a.gates).gate_values()
+        variants = [("full", None, None),
+                    (f"StreamingLLM {a.n_sink}+{a.recent}",
+                     get_method("streaming_llm", n_sink=a.n_sink, window=a.recent, reposition=False), None)]
+        for s in [float(x) for x in a.sparsities.split(",")]:
+            variants.append((f"DuoAttention sparsity {s:g}",
+                             get_method("duo_attention", gates=gates, sparsity=s, n_sink=a.n_sink,
+                                        recent=a.recent), None))
+    results, rows = {}, []
+    for label, method, chunk in variants:
+        t0 = time.perf_counter()
+        cells = [gen_cell(lm, method, p, a.max_new, chunk) for p in preps]
+        ppl = ppl_cell(lm, method, a.ppl_context, a.ppl_tokens, chunk)
+        results[label] = dict(cells=cells, perplexity=ppl)
+        by_task = {}
+        for task, _ in tasks:
+            cs = [c for c in cells if c["task"] == task]
+            by_task[task] = f"{int(sum(c['score'] for c in cs))}/{len(cs)}"
+        rows.append(summarize(label, cells, ppl, {f"acc_{k}": v for k, v in by_task.items()}))
+        print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"trained_{a.kind}.json"), "w") as f:
+        json.dump({"args": vars(a), "prompt_tokens": t, "results": results}, f, indent=1, default=float)
+    if a.kind == "locret":
+        cols = [("method", "method"), (f"needle acc ({len(preps)} prompts)", "acc"), ("answer log-p", "logp"),
+                (f"perplexity ({a.ppl_tokens} tok after {a.ppl_context})", "ppl"), ("peak prefill KV", "peak"),
+                ("KV after prefill", "kv")]
+    else:
+        cols = [("method", "method")] + [(f"{k} acc", f"acc_{k}") for k, _ in tasks] + [
+            ("answer log-p", "logp"), (f"perplexity ({a.ppl_tokens} tok after {a.ppl_context})", "ppl"),
+            ("KV after prefill", "kv"), ("decode tok/s", "tok_s")]
+    md = table(rows, cols)
+    with open(os.path.join(a.out, f"trained_{a.kind}.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
