@@ -23,8 +23,9 @@ import orbax.checkpoint as ocp
 
 from kvjax.train.loop import TrainState
 
-# Training-config fields that may change between a run and its resumption (they do not change the trajectory).
-RESUMABLE_FIELDS = ("steps", "run_dir", "log_every", "eval_every", "checkpoint", "progress", "eval")
+# Training-config fields that may change between a run and its resumption (they do not change the trajectory;
+# `steps` does, through the learning-rate schedule).
+RESUMABLE_FIELDS = ("run_dir", "log_every", "eval_every", "checkpoint", "progress", "eval")
 
 
 class CheckpointError(ValueError):
