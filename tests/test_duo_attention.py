@@ -91,6 +91,7 @@ def test_deployment_pattern_sparsity_and_errors():
         get_method("duo_attention", gates=DuoGates(np.ones((3, 2)))).pattern(CFG)
 
 
+@pytest.mark.slow  # notebooks/training.ipynb (executed in CI by tests/test_notebooks.py) runs the same path
 def test_train_gates_on_tiny_model_and_deploy(tmp_path):
     from configs.duo_train import get_config
     from kvjax.pretrained import load_pretrained
