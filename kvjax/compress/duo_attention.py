@@ -20,8 +20,9 @@ of ``attn_patterns/`` are trained with lr 0.02, L1 weight 0.05). Deviations: the
 attention in every head and then compressed (the paper runs streaming heads with a streaming mask during a chunked
 prefill too, which saves prefill compute; the cache left afterwards is the same); the decode phase is a no-op so
 that evaluations feed tokens through the streaming rings one at a time. Per-head ragged storage
-(``kvjax.state.RaggedKV``) was not in main when this was written and has no per-head ring buffers, hence the two
-dense caches per layer. Acts on global layers only.
+(``kvjax.state.RaggedKV``) landed after this was written; it gives every head a growing segment, not a ring that
+keeps a streaming head at ``n_sink + recent`` tokens while decoding, hence the two dense caches per layer (moving the
+retrieval part onto RaggedKV would also allow per-row raggedness). Acts on global layers only.
 """
 from __future__ import annotations
 
