@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+
+import numpy as np
 
 import pytest
 
@@ -82,14 +86,126 @@ def test_perplexity_settings_like_for_like(finished_run):
     assert m == 32
 
 
-def test_resume_skips_finished_cells(finished_run):
-    run_dir, _ = finished_run
+def test_resume_skips_finished_cells(finished_run, tmp_path):
+    run_dir = _copy_run(finished_run, tmp_path / "run")
     before = open(run_dir / "results.jsonl").read()
     with open(run_dir / "results.jsonl", "a") as f:
         f.write('{"torn": ')  # a crash in the middle of a write
-    run_experiment(_config(run_dir), progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable line"):
+        run_experiment(_config(run_dir), progress=False)
     after = open(run_dir / "results.jsonl").read()
     assert after.startswith(before) and after[len(before):].strip() == '{"torn":'
+
+
+def _copy_run(finished_run, dest):
+    shutil.copytree(finished_run[0], dest)
+    return dest
+
+
+def test_torn_last_line_then_resume_with_cells_left(finished_run, tmp_path):
+    """A crash mid-row, then a resume that still has cells to run: the fragment stays one skippable line, the new
+    row starts on its own line, and every cell is there exactly once (regression: the new row was glued on)."""
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    lines = open(run_dir / "results.jsonl").read().splitlines(keepends=True)
+    lost = json.loads(lines[-1])
+    with open(run_dir / "results.jsonl", "w") as f:
+        f.write("".join(lines[:-1]) + lines[-1][:40])  # the last row torn: its cell is not done
+    with pytest.warns(UserWarning, match="skipped 1 unreadable line"):
+        summary = run_experiment(_config(run_dir), progress=False)
+    out = open(run_dir / "results.jsonl").read().splitlines()
+    assert out[len(lines) - 1] == lines[-1][:40]  # the fragment, alone on its line
+    rows = [json.loads(l) for l in out[len(lines):]]
+    assert [r["cell_id"] for r in rows] == [lost["cell_id"]]  # exactly the torn cell re-ran, on a fresh line
+    assert sum(s["n"] for s in summary) == len(lines)
+
+
+def test_doubled_results_file_summarises_each_cell_once(finished_run, tmp_path):
+    """Regression: two launches wrote every cell twice and the summary doubled the counts."""
+    run_dir, summary = finished_run
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    text = open(run_dir / "results.jsonl").read()
+    (twice / "results.jsonl").write_text(text + text)
+    with pytest.warns(UserWarning, match="repeated row"):
+        again = run_experiment(_config(twice), progress=False)
+    assert [(s["label"], s["task"], s["n"]) for s in again] == [(s["label"], s["task"], s["n"]) for s in summary]
+    assert (twice / "results.jsonl").read_text() == text + text  # nothing re-ran
+
+
+def test_second_launch_into_owned_run_dir_is_refused(tmp_path):
+    from kvjax.eval.rundir import RunDirLock
+
+    with RunDirLock(str(tmp_path / "run")):
+        with pytest.raises(ConfigError, match=f"is in use by pid {os.getpid()} on host {socket.gethostname()}"):
+            run_experiment(_config(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_lock_names_live_owner_and_takes_over_from_killed_one(tmp_path):
+    from kvjax.eval.rundir import RunDirError, RunDirLock
+
+    code = ("import sys, time; from kvjax.eval.rundir import RunDirLock; RunDirLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=f"in use by pid {p.pid} on host"):
+            RunDirLock(str(tmp_path)).acquire()
+    finally:
+        p.kill()  # SIGKILL: the owner never releases its lock
+        p.wait()
+    lock = RunDirLock(str(tmp_path)).acquire()
+    try:
+        assert f"pid {p.pid} " in lock.previous_owner
+        assert json.load(open(tmp_path / ".lock"))["pid"] == os.getpid()
+    finally:
+        lock.release()
+    with RunDirLock(str(tmp_path)) as again:  # a clean release leaves no previous owner behind
+        assert again.previous_owner is None
+
+
+def test_changed_config_runs_new_cells_beside_old_ones(finished_run, tmp_path):
+    """Regression: a changed hyper-parameter reported "all done", kept the old results and overwrote config.json."""
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    old_config = json.load(open(run_dir / "config.json"))
+    c = _config(run_dir)
+    c.perplexity.enabled = False  # (keeps the test short: only the passkey cells of the new window run)
+    c.methods.streaming_llm.window = 20  # same label "streaming_llm", another method
+    summary = run_experiment(c, progress=False)
+    rows = [json.loads(l) for l in open(run_dir / "results.jsonl")]
+    new = rows[9:]
+    assert len(new) == 2 and all("window=20" in r["method_desc"] for r in new)
+    stream = [s for s in summary if s["label"] == "streaming_llm"]
+    assert len(stream) == 1 and stream[0]["n"] == 2
+    assert {s["task"] for s in summary} == {"passkey"} and all(s["n"] == 2 for s in summary)
+    assert json.load(open(run_dir / "config.json"))["methods"]["streaming_llm"]["window"] == 20
+    kept = [json.load(open(p)) for p in sorted((run_dir / "configs").iterdir())]
+    assert old_config in kept and len(kept) == 2
+    c.methods.streaming_llm.window = 28  # back to the first config: nothing to run, the old rows count again
+    c.perplexity.enabled = True
+    run_experiment(c, progress=False)
+    assert len(open(run_dir / "results.jsonl").readlines()) == 11
+
+
+def test_cell_identity_covers_model_dtype_and_every_hyper_parameter():
+    from types import SimpleNamespace
+
+    from kvjax.eval import experiment, rundir
+    from kvjax.eval.harness import expand_methods
+
+    ppl = {"corpus": "hamlet", "context_tokens": 8, "eval_tokens": 4, "n_segments": 1}
+    seg = np.arange(12)[None]
+
+    def cid(model="tiny-random", dtype="float32", fp="abc", window=8, seg=seg, **ppl_over):
+        v = expand_methods({"snapkv": {"budget": 32, "window": window}})[0]
+        m = {"name": model, "dtype": dtype, "config_sha256": fp}
+        return rundir.cell_id(experiment._identity(m, ("ppl", None, None), v, ppl | ppl_over, seg))
+
+    base = cid()
+    others = [cid(model="x"), cid(dtype="bfloat16"), cid(fp="def"), cid(window=16), cid(seg=seg + 1),
+              cid(mode="stream"), cid(eval_tokens=5)]
+    assert base == cid() and base not in others and len(set(others)) == len(others)
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -2,12 +2,21 @@
 
 Everything is validated before any cell runs: unknown methods, hyper-parameters, tasks, budgets larger than the
 context and missing checkpoints fail with one clear message, and nothing is written to the run directory.
+
+The run directory (see :mod:`kvjax.eval.rundir`) is owned by one launch at a time (a second one fails with a message
+naming the first). Each cell is identified by everything that determines its result (model, dtype, its config's
+fingerprint, the method with all hyper-parameters, the exact prompt and answer, decoding and perplexity settings), so a
+rerun reuses exactly the cells it would compute again. Rerunning a directory with a *changed* config runs the new
+config's cells beside the old ones, which stay in ``results.jsonl``: ``config.json`` is the config of the latest
+launch, every config ever run there is kept as ``configs/<id>.json`` (the change is printed), and ``summary.*`` cover
+the latest config's cells only, never a mix.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -15,7 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kvjax.eval import harness
+from kvjax.eval import harness, rundir
 from kvjax.eval.tasks import get_task, sweep
 
 
@@ -128,12 +137,27 @@ def ppl_segments(lm, ppl: dict) -> np.ndarray:
 
 def run_experiment(config, *, progress: bool = True) -> list[dict]:
     """Runs (or resumes) every cell of ``config``; writes results, summary and plot on process 0; returns the summary."""
-    from kvjax.pretrained import load_pretrained
-
     variants, tasks = validate(config)
     c = _to_dict(config)
     run_dir = c["run_dir"]
     writer = jax.process_index() == 0
+    try:
+        lock = rundir.RunDirLock(run_dir, jax.process_index()).acquire()
+    except rundir.RunDirError as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"run_dir={run_dir!r} cannot be used: {e.strerror or e}") from None
+    if lock.previous_owner:
+        print(f"{run_dir}: took over the lock of {lock.previous_owner}, which is no longer running", file=sys.stderr)
+    try:
+        return _run(c, variants, tasks, run_dir, writer, progress)
+    finally:
+        lock.release()
+
+
+def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -> list[dict]:
+    from kvjax.pretrained import load_pretrained
+
     lm = load_pretrained(c["model"]["name"], c["model"].get("dtype", "float32"), progress=progress)
     style = c.get("prompt_style", "auto")
     style = lm.prompt_style if style == "auto" else style
@@ -145,11 +169,9 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
 
     results_path = os.path.join(run_dir, "results.jsonl")
     if writer:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(c, f, indent=1, default=str)
-    rows = harness.read_results(results_path)
-    done = {r["key"] for r in rows}
+        _record_config(run_dir, c)
+    rows = rundir.read_rows(results_path)
+    by_id = {rundir.row_id(r): r for r in rows}
 
     # Units of work: one prefill each (an example, or the perplexity batch), compressed by every variant.
     units: list[tuple] = []
@@ -159,12 +181,20 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
         for p in g.prepared:
             units.append(("gen", g, p))
     ordered = sorted(variants, key=lambda v: not v.is_full)  # the full cache first: every ratio's reference
+    model_id = _model_identity(c, lm)
+    cells = {(i, v.label): _identity(model_id, u, v, ppl, segments) for i, u in enumerate(units) for v in ordered}
+    ids = {k: rundir.cell_id(ident) for k, ident in cells.items()}
     n_cells = len(units) * len(ordered)
-    todo = [(u, [v for v in ordered if _key(u, v) not in done]) for u in units]
+    todo = [(u, [v for v in ordered if ids[i, v.label] not in by_id]) for i, u in enumerate(units)]
     todo = [(u, vs) for u, vs in todo if vs]
     n_todo = sum(len(vs) for _, vs in todo)
+    others = len(set(by_id) - set(ids.values()))
     if progress and n_todo < n_cells:
         print(f"resuming {run_dir}: {n_cells - n_todo} of {n_cells} cells already done")
+    if writer and others:
+        print(f"{run_dir}: results.jsonl also holds {others} cell(s) of other configs; they are kept but not part of "
+              "this run's summary", file=sys.stderr)
+    unit_index = {id(u): i for i, u in enumerate(units)}
     full = next((v for v in variants if v.is_full), None)
     ppl_ref: dict[str, dict] = {}  # full-cache reference per perplexity setting
     precompile = bool(c.get("precompile", True))
@@ -177,7 +207,7 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
     shape_groups: dict[tuple, list[int]] = {}
     for i, (unit, _) in enumerate(todo):
         shape_groups.setdefault(("ppl",) if unit[0] == "ppl" else ("gen", unit[1].context_tokens), []).append(i)
-    f = open(results_path, "a") if writer else None
+    f = rundir.open_for_append(results_path) if writer else None
     try:
         for members in shape_groups.values():
             prefilled = {}
@@ -197,14 +227,13 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
                         continue
                     bar.set_postfix_str(f"{v.label} {_where(unit)}")
                     row = _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled[i], precompile)
-                    row.update(key=_key(unit, v), label=v.label, method=v.method.name,
+                    k = (unit_index[id(unit)], v.label)
+                    row.update(key=_key(unit, v), cell_id=ids[k], cell=cells[k], label=v.label, method=v.method.name,
                                method_desc=v.method.describe(), warm=precompile, model=lm.name, time=time.time(),
                                **_memory())
-                    rows.append(row)
+                    by_id[ids[k]] = row
                     if f is not None:
-                        f.write(json.dumps(row, default=_json_default) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
+                        rundir.append_row(f, row, default=_json_default)
                     bar.update(1)
                 jax.clear_caches()
             del prefilled
@@ -212,6 +241,9 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
         bar.close()
         if f is not None:
             f.close()
+    # This config's cells only (a reused row carries this config's label and task name).
+    rows = [dict(by_id[ids[i, v.label]], label=v.label, **({"task": units[i][1].task} if units[i][0] == "gen" else {}))
+            for i in range(len(units)) for v in ordered if ids[i, v.label] in by_id]
     if not writer:
         return harness.summarize(rows)
     summary = harness.write_summary(run_dir, rows)
@@ -221,6 +253,64 @@ def run_experiment(config, *, progress: bool = True) -> list[dict]:
               f"plot:    {os.path.join(run_dir, 'quality_vs_bytes.png')}\n"
               f"report:  {os.path.join(run_dir, 'report.md')}")
     return summary
+
+
+def _record_config(run_dir: str, c: dict) -> None:
+    """Writes ``config.json`` (the latest launch's config) and keeps every config run in this directory as
+    ``configs/<id>.json``; a changed config is announced with its differences (never silently overwritten)."""
+    new = json.loads(json.dumps(c, default=str))
+    record = {k: v for k, v in new.items() if k != "run_dir"}
+    cid = rundir.cell_id(record)[:12]
+    keep = os.path.join(run_dir, "configs")
+    os.makedirs(keep, exist_ok=True)
+    path = os.path.join(run_dir, "config.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict):
+            old_record = {k: v for k, v in old.items() if k != "run_dir"}
+            oid = rundir.cell_id(old_record)[:12]
+            if oid != cid:
+                if not os.path.exists(os.path.join(keep, f"{oid}.json")):
+                    rundir.atomic_write_text(os.path.join(keep, f"{oid}.json"), json.dumps(old, indent=1))
+                diff = rundir.flat_diff(old_record, record)
+                print(f"{run_dir} was last run with another config (kept as configs/{oid}.json; changed: "
+                      f"{'; '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}); this config's cells run beside the "
+                      "old ones, and the summary covers this config only", file=sys.stderr)
+        else:
+            bad = os.path.join(keep, f"unreadable-config-{int(time.time())}.json")
+            os.replace(path, bad)
+            print(f"{run_dir}/config.json was unreadable; moved to {bad}", file=sys.stderr)
+    text = json.dumps(new, indent=1)
+    if not os.path.exists(os.path.join(keep, f"{cid}.json")):
+        rundir.atomic_write_text(os.path.join(keep, f"{cid}.json"), text)
+    rundir.atomic_write_text(path, text)
+
+
+def _model_identity(c: dict, lm) -> dict:
+    from kvjax.persist import config_fingerprint
+
+    return {"name": c["model"]["name"], "dtype": c["model"].get("dtype", "float32"),
+            "config_sha256": config_fingerprint(lm.cfg)}
+
+
+def _identity(model_id: dict, unit, v, ppl: dict, segments) -> dict:
+    """Everything that determines a cell's result (hashed into its ``cell_id``)."""
+    kind, g, p = unit
+    ident = {"model": model_id, "method": v.method.describe()}
+    if kind == "ppl":
+        return ident | {"task": harness.PPL_TASK, "corpus": ppl["corpus"], "context_tokens": int(ppl["context_tokens"]),
+                        "eval_tokens": int(ppl["eval_tokens"]), "n_segments": int(ppl["n_segments"]),
+                        "mode": ppl.get("mode", "chunk"), "tokens_sha256": rundir.sha256_arrays(segments)}
+    ex = p.example
+    return ident | {"task": ex.task, "context_tokens": g.context_tokens,
+                    "depth": ex.meta.get("requested_depth", ex.depth), "seed": ex.seed,
+                    "max_new_tokens": g.max_new_tokens, "answers": list(ex.answers),
+                    "example_meta_sha256": rundir.cell_id(ex.meta),
+                    "prompt_sha256": rundir.sha256_arrays(p.tokens, p.mask, p.answer_ids, p.answer_mask)}
 
 
 def _where(unit) -> str:

@@ -454,20 +454,11 @@ def cell_key(label: str, task: str, context_tokens: int, depth, seed) -> str:
 
 
 def read_results(path: str) -> list[dict]:
-    """Complete JSON lines of a results file (a torn last line from a crash is ignored, so it is redone)."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    """The rows of a results file, each cell once; torn or garbage lines are skipped with a warning, so their cells
+    are redone (see :func:`kvjax.eval.rundir.read_rows`)."""
+    from kvjax.eval.rundir import read_rows
+
+    return read_rows(path)
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
@@ -536,17 +527,22 @@ def plot_summary(summary: list[dict], path: str) -> None:
 
 
 def write_summary(run_dir: str, rows: list[dict]) -> list[dict]:
+    """Writes ``summary.json`` and ``summary.csv`` (each through a temporary file renamed into place), the plot and
+    ``report.md``."""
     import csv
+    import io
+
+    from kvjax.eval.rundir import atomic_write_text
 
     summary = summarize(rows)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
     if summary:
         keys = sorted({k for s in summary for k in s})
-        with open(os.path.join(run_dir, "summary.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(summary)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(summary)
+        atomic_write_text(os.path.join(run_dir, "summary.csv"), buf.getvalue())
     from kvjax.eval.report import write_report
 
     write_report(run_dir, summary)  # quality_vs_bytes.png and report.md
