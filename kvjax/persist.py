@@ -3,7 +3,7 @@ Fast Large Language Model Serving", Liu et al., arXiv 2310.07240).
 
 :func:`save_state` writes any :class:`kvjax.KVState` (dense, quantized, GEAR layers ...) to a directory:
 
-* ``arrays/<i>``: every array leaf as a tensorstore ``zarr3`` array, chunked along the token-slot axis (CacheGen
+* ``arrays-<id>/<i>``: every array leaf as a tensorstore ``zarr3`` array, chunked along the token-slot axis (CacheGen
   streams and decodes KV in token chunks; ``chunk_tokens`` per chunk), each chunk compressed with blosc-zstd with
   byte shuffling. Optionally (``token_delta=True``) float arrays of shape ``(B, H, T, D)`` are first *XOR-delta*
   coded along the token axis (each token's bit pattern XOR the previous token's): CacheGen's "token-wise locality"
@@ -13,6 +13,16 @@ Fast Large Language Model Serving", Liu et al., arXiv 2310.07240).
   method's description, the layer classes, the pytree skeleton (classes, static fields such as
   :class:`kvjax.quant.cache.QuantSpec`), per-array shapes/dtypes, ``raw_bf16_bytes`` (the same tokens' keys and values
   as uncompressed bf16), ``state_bytes`` (:func:`kvjax.nbytes`) and ``disk_bytes``, plus the caller's ``meta``.
+  Per array: its pytree path (``name``, e.g. ``.layers[3].k``), shape, dtype, chunk shape, number of chunk files, and
+  the SHA-256 of its bytes (``sha256``; format 2).
+
+Crash safety and integrity (format 2): a save writes its arrays into a fresh ``arrays-<id>`` directory and then
+commits by atomically replacing ``meta.json`` (written to a temporary file, fsynced, ``os.replace``d), which names
+that directory; only then are older array directories removed. A save killed at any moment (even ``kill -9``) thus
+leaves the previous state loadable (or, after the commit, the new one), never a mix. Every chunk is stored, even an
+all-zero one (``store_data_equal_to_fill_value``), so :func:`load_state` refuses a state with a missing chunk file,
+and it verifies each array's SHA-256 after decoding: a flipped byte or bit anywhere is an error naming the array, not
+wrong numbers. Format-1 states (``arrays/``, no checksums) still load, without the integrity checks.
 
 What is *not* implemented from CacheGen: its lossy encoder (per-layer adaptive quantization of token deltas against
 anchor tokens) and arithmetic coding with learned per-channel distributions — lossy compression is left to the
@@ -30,14 +40,16 @@ import importlib
 import json
 import os
 import shutil
+import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 FORMAT = "kvjax-kvstate"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
+_ARRAYS_PREFIX = "arrays"
 
 
 class StateFileError(ValueError):
@@ -125,24 +137,27 @@ def _decode_static(value):
     return value
 
 
-def _skeleton(node, arrays: list):
+def _skeleton(node, arrays: list, names: list | None = None, where: str = ""):
+    names = [] if names is None else names
     if node is None:
         return {"t": "none"}
     if _is_array(node):
         arrays.append(node)
+        names.append(where or "<root>")
         return {"t": "array", "i": len(arrays) - 1}
     if isinstance(node, (tuple, list)):
-        return {"t": "tuple" if isinstance(node, tuple) else "list", "items": [_skeleton(x, arrays) for x in node]}
+        return {"t": "tuple" if isinstance(node, tuple) else "list",
+                "items": [_skeleton(x, arrays, names, f"{where}[{j}]") for j, x in enumerate(node)]}
     if isinstance(node, dict):
         if not all(isinstance(k, str) for k in node):
             raise TypeError("only dicts with string keys can be saved")
-        return {"t": "dict", "items": {k: _skeleton(v, arrays) for k, v in node.items()}}
+        return {"t": "dict", "items": {k: _skeleton(v, arrays, names, f"{where}[{k!r}]") for k, v in node.items()}}
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         fields, static = {}, {}
         for f in dataclasses.fields(node):
             value = getattr(node, f.name)
             if f.metadata.get("pytree_node", True):
-                fields[f.name] = _skeleton(value, arrays)
+                fields[f.name] = _skeleton(value, arrays, names, f"{where}.{f.name}")
             else:
                 static[f.name] = _encode_static(value)
         return {"t": "struct", "cls": f"{type(node).__module__}.{type(node).__qualname__}", "fields": fields,
@@ -228,7 +243,44 @@ def _spec(path: str, shape=None, dtype: str | None = None, chunks=None, itemsize
         }
         spec["create"] = True
         spec["delete_existing"] = True
+        spec["store_data_equal_to_fill_value"] = True  # every chunk is a file: a missing one is detectable
     return spec
+
+
+def _chunk_keys(shape, chunks) -> list[str]:
+    """The relative paths of a zarr3 array's chunk files (default chunk key encoding, ``/`` separator)."""
+    if not shape:
+        return ["c"]
+    grid = [-(-s // c) for s, c in zip(shape, chunks)]
+    return ["/".join(["c", *map(str, idx)]) for idx in np.ndindex(*grid)]
+
+
+def _sha256(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_meta(path: str, text: str) -> None:
+    """Commits a save: ``meta.json`` replaced atomically (temporary file, fsync, rename, directory fsync)."""
+    tmp = os.path.join(path, f".{META_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, META_FILE))
+    _fsync_dir(path)
+
+
+def _is_leftover(name: str) -> bool:
+    """Entries a kvjax save creates before its commit (array directories, a temporary meta file)."""
+    return name == _ARRAYS_PREFIX or name.startswith(_ARRAYS_PREFIX + "-") or name.startswith(f".{META_FILE}.")
 
 
 def _dtype_name(dt) -> str:
@@ -258,14 +310,16 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
         except TypeError as e:
             raise TypeError(f"meta must be JSON-serialisable: {e}") from e
     arrays: list = []
-    skeleton = _skeleton(state, arrays)
+    names: list = []
+    skeleton = _skeleton(state, arrays, names)
     if os.path.isdir(path) and os.listdir(path):
-        if not os.path.exists(os.path.join(path, META_FILE)):
+        if os.path.exists(os.path.join(path, META_FILE)):
+            read_meta(path)  # overwrite only a previous kvjax KV state
+        elif not all(_is_leftover(n) for n in os.listdir(path)):  # (leftovers of an interrupted first save are fine)
             raise StateFileError(f"{path!r} is a non-empty directory that holds no saved KV state; refusing to "
                                  f"write into it")
-        read_meta(path)  # overwrite only a previous kvjax KV state
-        shutil.rmtree(os.path.join(path, "arrays"), ignore_errors=True)
-    os.makedirs(os.path.join(path, "arrays"), exist_ok=True)
+    arrays_dir = f"{_ARRAYS_PREFIX}-{uuid.uuid4().hex[:12]}"
+    os.makedirs(os.path.join(path, arrays_dir))
     infos, futures = [], []
     host = jax.device_get(arrays)
     for i, x in enumerate(host):
@@ -273,10 +327,12 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
         delta = bool(token_delta and x.ndim == 4 and x.shape[2] > 1 and jnp.issubdtype(x.dtype, jnp.floating))
         data = _xor_delta(x, 2, inverse=False) if delta else x
         chunks = _chunks(x.shape, chunk_tokens, x.dtype.itemsize)
-        store = ts.open(_spec(os.path.join(path, "arrays", str(i)), x.shape, _dtype_name(x.dtype), chunks,
+        store = ts.open(_spec(os.path.join(path, arrays_dir, str(i)), x.shape, _dtype_name(x.dtype), chunks,
                               x.dtype.itemsize, level)).result()
         futures.append(store.write(data))
-        infos.append({"shape": list(x.shape), "dtype": _dtype_name(x.dtype), "xor_delta": delta})
+        infos.append({"name": names[i], "shape": list(x.shape), "dtype": _dtype_name(x.dtype), "xor_delta": delta,
+                      "chunk_shape": list(chunks), "n_chunks": len(_chunk_keys(x.shape, chunks)),
+                      "sha256": _sha256(x)})
     for f in futures:
         f.result()
     layers = getattr(state, "layers", ())
@@ -292,10 +348,11 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
         "raw_bf16_bytes": raw_bf16_bytes(state) if layers else None,
         "state_bytes": nbytes(state),
         "skeleton": skeleton,
+        "arrays_dir": arrays_dir,
         "arrays": infos,
         "meta": meta or {},
     }
-    array_bytes = disk_bytes(os.path.join(path, "arrays"))
+    array_bytes = disk_bytes(os.path.join(path, arrays_dir))
     info["disk_bytes"] = 0
     for _ in range(4):  # the total includes meta.json, whose length depends on the number written into it
         text = json.dumps(info, indent=1)
@@ -303,8 +360,11 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
         if total == info["disk_bytes"]:
             break
         info["disk_bytes"] = total
-    with open(os.path.join(path, META_FILE), "w") as f:
-        f.write(text)
+    _write_meta(path, text)  # the commit point: before it the old state is intact, after it the new one is complete
+    for name in os.listdir(path):  # older states' arrays (and leftovers of interrupted saves)
+        if name != arrays_dir and _is_leftover(name):
+            p = os.path.join(path, name)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
     return info
 
 
@@ -371,18 +431,31 @@ def load_state(path: str, like=None, *, cfg=None):
             raise StateFileError(f"saved state at {path!r} was written by a different model config "
                                  f"({_config_diff(info.get('config'), cfg)})")
     _check_classes(info.get("skeleton"))
+    arrays_dir = os.path.join(path, info.get("arrays_dir", _ARRAYS_PREFIX))
     arrays = []
     for i, a in enumerate(info["arrays"]):
+        what = f"array {i} ({a.get('name', '?')}) of the saved state at {path!r}"
+        where = os.path.join(arrays_dir, str(i))
+        if "chunk_shape" in a:
+            keys = _chunk_keys(a["shape"], a["chunk_shape"])
+            missing = [k for k in keys if not os.path.isfile(os.path.join(where, k))]
+            if len(keys) != a.get("n_chunks", len(keys)) or missing:
+                raise StateFileError(f"{what}: {len(missing)} of {len(keys)} chunk files missing (e.g. "
+                                     f"{os.path.join(where, missing[0]) if missing else '?'}); the state is incomplete")
         try:
-            store = ts.open(_spec(os.path.join(path, "arrays", str(i)))).result()
+            store = ts.open(_spec(where)).result()
             x = np.asarray(store.read().result())
         except Exception as e:  # tensorstore raises ValueError subclasses with long messages
-            raise StateFileError(f"cannot read array {i} of the saved state at {path!r}: {e}") from e
+            raise StateFileError(f"cannot read {what}: {e}") from e
         if list(x.shape) != a["shape"] or _dtype_name(x.dtype) != a["dtype"]:
-            raise StateFileError(f"array {i} of {path!r} is {x.shape} {x.dtype}, metadata says {a['shape']} "
-                                 f"{a['dtype']} (corrupt file)")
+            raise StateFileError(f"{what} is {x.shape} {x.dtype}, metadata says {a['shape']} {a['dtype']} (corrupt "
+                                 "file)")
         if a.get("xor_delta"):
             x = _xor_delta(x, 2, inverse=True)
+        if "sha256" in a and _sha256(x) != a["sha256"]:
+            raise StateFileError(f"{what}: SHA-256 checksum mismatch (the stored bytes are corrupt)")
+        elif "sha256" not in a and info.get("format_version", 1) >= 2:
+            raise StateFileError(f"{what}: no checksum in the metadata (corrupt {META_FILE})")
         arrays.append(jnp.asarray(x))
     state = _rebuild(info["skeleton"], arrays)
     if like is not None:
