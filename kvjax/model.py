@@ -115,10 +115,19 @@ class Model:
 
     def forward(self, params, tokens, state: KVState, token_mask=None, *, observe: Observe = Observe(),
                 logits: str = "all"):
-        """``(logits, new_state, observations)``; see :func:`kvjax.models.llama.forward`."""
+        """``(logits, new_state, observations)``; see :func:`kvjax.models.llama.forward`.
+
+        A chunk that does not fit in the cache is refused on the host (``ValueError``) whenever the state's fill is
+        known, i.e. outside ``jit``. Traced inside a caller's ``jit`` the fill is unknown until run time: the rows
+        whose tokens did not fit then get NaN logits (the write past capacity is dropped, never silently used)."""
         self.check_inputs(tokens, state, token_mask)
-        return self.forward_impl(self.cfg, params, tokens, state, token_mask, observe=observe, impl=self.impl,
-                                 logits=logits)
+        out, new_state, obs = self.forward_impl(self.cfg, params, tokens, state, token_mask, observe=observe,
+                                                impl=self.impl, logits=logits)
+        if out is not None and not all(_concrete(getattr(l, "fill", 0)) for l in state.layers):
+            over = overflow_rows(state, tokens.shape[1])
+            if over is not None:
+                out = jnp.where(over.reshape((-1,) + (1,) * (out.ndim - 1)), jnp.nan, out)
+        return out, new_state, obs
 
     def prefill(self, params, tokens, state: KVState, token_mask=None, *, logits: str = "all"):
         """Writes a (batch of) prompt(s) into ``state``: returns ``(logits, new_state)``.
@@ -144,7 +153,11 @@ class Model:
         return _jit_prefill(self, params, tokens, state, token_mask, logits)
 
     def jit_decode_step(self, params, token, state: KVState):
-        return _jit_decode_step(self, params, jnp.asarray(token), state)
+        token = jnp.asarray(token)
+        if token.ndim != 1:
+            raise ValueError(f"decode_step takes one token per sequence, shape (batch,), got {token.shape}")
+        self.check_inputs(token[:, None], state)  # room, on the host, before the compiled step runs
+        return _jit_decode_step(self, params, token, state)
 
     def jit_forward(self, params, tokens, state: KVState, token_mask=None, *, observe: Observe = Observe(),
                     logits: str = "all"):
@@ -158,6 +171,16 @@ class Model:
         cache), so that a timed call which follows excludes compilation."""
         self.check_inputs(tokens, state, token_mask)
         _jit_forward.lower(self, params, tokens, state, token_mask, observe, logits).compile()
+
+
+def overflow_rows(state: KVState, n_new: int):
+    """``(B,)`` bool: rows for which writing ``n_new`` more tokens passes a (non-ring) layer's capacity; None when
+    every layer is a ring (rings wrap by design)."""
+    flags = [jnp.max(layer.fill, axis=-1) + n_new > layer.capacity for layer in state.layers
+             if getattr(layer, "ring_start", -1) < 0 and hasattr(layer, "fill")]
+    if not flags:
+        return None
+    return functools.reduce(jnp.logical_or, flags)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

@@ -153,5 +153,12 @@ def lm_logits(cfg: ModelConfig, params: dict, x: jax.Array, token_mask: jax.Arra
     elif which != "all":
         raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
     x = final_norm(x) if final_norm is not None else rms_norm(x, params["norm"], cfg.rms_norm_eps)
-    head = params["lm_head"] if "lm_head" in params else params["embed"].T
+    if "lm_head" in params:
+        head = params["lm_head"]
+    elif cfg.tie_word_embeddings:
+        head = params["embed"].T
+    else:
+        raise ValueError("params have no 'lm_head' weight but the model's output layer is not tied to the embedding "
+                         "(tie_word_embeddings=False); load the checkpoint's lm_head (it is never replaced by the "
+                         "transposed embedding)")
     return (x @ head).astype(jnp.float32)
