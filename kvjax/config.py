@@ -141,6 +141,59 @@ def _rope_from_hf(raw: Mapping[str, Any]) -> tuple[float, RopeScaling]:
     )
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _check_layer_types(lt, n: int) -> tuple[str, ...]:
+    if not isinstance(lt, (list, tuple)) or len(lt) != n:
+        raise UnsupportedConfigError(f"layer_types must list one entry per layer ({n}), got {lt!r}")
+    bad = sorted({x for x in lt if x not in LAYER_TYPES})
+    if bad:
+        raise UnsupportedConfigError(f"layer_types entries {bad} are not supported (only {', '.join(LAYER_TYPES)})")
+    return tuple(lt)
+
+
+def _llama_family_windows(arch: str, raw: Mapping[str, Any]) -> tuple[int, tuple[str, ...]]:
+    """``(sliding_window, layer_types)`` with transformers' meaning for Llama, Mistral and Qwen2 configs.
+
+    * Qwen2 (``Qwen2Config``): the window is ``sliding_window`` (default 4096) only when ``use_sliding_window``;
+      ``layer_types`` (when given) says which layers use it, else layers ``i >= max_window_layers`` (default 28) do.
+    * Mistral: ``sliding_window`` (default 4096; ``null`` = none) applies to every layer. transformers' Mistral ignores
+      ``layer_types``, so a ``layer_types`` that disagrees with that is refused rather than read either way.
+    * Llama has no sliding window in transformers (``sliding_window`` is unused); a ``layer_types`` asking for
+      sliding layers is refused.
+    """
+    n = int(raw["num_hidden_layers"])
+    lt = raw.get("layer_types")
+    lt = None if lt is None else _check_layer_types(lt, n)
+    if arch == "Qwen2ForCausalLM":
+        window = raw.get("sliding_window", 4096) if raw.get("use_sliding_window", False) else None
+        if lt is None:
+            first = int(raw.get("max_window_layers", 28))
+            lt = tuple("sliding_attention" if window is not None and i >= first else "full_attention"
+                       for i in range(n))
+        if "sliding_attention" not in lt:
+            return 0, ()
+        if window is None or int(window) <= 0:
+            raise UnsupportedConfigError(
+                "layer_types has sliding_attention layers but no sliding window is active (use_sliding_window="
+                f"{raw.get('use_sliding_window', False)}, sliding_window={raw.get('sliding_window', 4096)!r})")
+        return int(window), lt
+    if arch == "MistralForCausalLM":
+        window = raw.get("sliding_window", 4096)
+        window = int(window) if window else 0
+        uniform = ("sliding_attention" if window else "full_attention",) * n
+        if lt is not None and lt != uniform:
+            raise UnsupportedConfigError(
+                f"Mistral applies sliding_window={window or None} to every layer and transformers' Mistral ignores "
+                f"layer_types; this config's layer_types {list(lt)} disagree (use a Ministral/Qwen2-style config)")
+        return window, ()
+    if lt is not None and "sliding_attention" in lt:
+        raise UnsupportedConfigError(f"{arch} has no sliding-window layers in transformers, but layer_types asks for "
+                                     "them")
+    return 0, ()
+
+
 def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     """Builds a :class:`ModelConfig` from the dict of a HF ``config.json``; unknown keys raise."""
     archs = raw.get("architectures") or [_MODEL_TYPES.get(raw.get("model_type", ""), raw.get("model_type", "?"))]
@@ -164,15 +217,9 @@ def config_from_hf(raw: Mapping[str, Any]) -> ModelConfig:
     n_heads = int(raw["num_attention_heads"])
     head_dim = raw.get("head_dim") or (256 if arch == "Gemma3ForCausalLM"  # Gemma3TextConfig's default
                                        else int(raw["hidden_size"]) // n_heads)
-    window = 0
-    if arch == "MistralForCausalLM" or (arch == "Qwen2ForCausalLM" and raw.get("use_sliding_window")):
-        window = int(raw.get("sliding_window") or 0)
-        if arch == "Qwen2ForCausalLM" and raw.get("max_window_layers", raw["num_hidden_layers"]) < raw[
-                "num_hidden_layers"]:
-            raise UnsupportedConfigError("Qwen2 sliding window on a subset of layers (max_window_layers) is not supported")
+    window, layer_types = _llama_family_windows(arch, raw) if arch != "Gemma3ForCausalLM" else (0, ())
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    layer_types: tuple[str, ...] = ()
     extra: dict[str, Any] = {}
     if arch == "Gemma3ForCausalLM":
         n = int(raw["num_hidden_layers"])
