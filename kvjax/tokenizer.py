@@ -13,11 +13,24 @@ Two vocabulary kinds are supported, as llama.cpp names them in ``tokenizer.ggml.
 
 Control tokens (GGUF type 3, e.g. ``<|im_start|>``, ``<start_of_turn>``) are special tokens and user-defined ones
 (type 4, e.g. ``\\n\\n`` in Gemma) plain added tokens: both are matched whole in the text, as llama.cpp does.
+
+Chat templates (``tokenizer.chat_template``) are rendered with jinja2 the way transformers' ``apply_chat_template``
+renders them: a sandboxed environment (``ImmutableSandboxedEnvironment``) with ``trim_blocks`` and ``lstrip_blocks``,
+the ``loopcontrols`` extension and ``{% generation %}`` blocks, ``raise_exception``, a ``tojson`` that does not escape
+HTML, ``strftime_now``, and the special tokens (``bos_token``, ``eos_token``, ``unk_token``, ``pad_token``) as
+variables. The text is exactly transformers' ``apply_chat_template(..., tokenize=False)``.
+
+A GGUF without a template but with Gemma's turn tokens (the Gemma 3 270M *base* model kvjax ships has none) gets
+kvjax's own Gemma turn template, :data:`GEMMA_TURNS_TEMPLATE` (Gemma's documented format: ``<bos>``, turns
+``<start_of_turn>{user|model}\\n...<end_of_turn>\\n``, a system message prepended to the first user turn, roles
+alternating), rendered the same way; ``Tokenizer.chat_template_source`` says which was used.
 """
 from __future__ import annotations
 
+import datetime
+import functools
+import json
 import os
-import re
 from typing import Any, Mapping, Sequence
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -38,7 +51,76 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 _BYTE_LEVEL_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
                       "qwen2": _QWEN2_SPLIT}
 
-_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", re.DOTALL)
+GEMMA_TURNS_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if messages and messages[0]['role'] == 'system' %}\n"
+    "    {%- set first_prefix = messages[0]['content'] + '\\n\\n' %}\n"
+    "    {%- set turns = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set first_prefix = '' %}\n"
+    "    {%- set turns = messages %}\n"
+    "{%- endif %}\n"
+    "{%- for message in turns %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('Gemma conversations must alternate user/assistant/user/..., starting with user '\n"
+    "                            '(after an optional system message)') }}\n"
+    "    {%- endif %}\n"
+    "    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}\n"
+    "    {{- '<start_of_turn>' + role + '\\n' + (first_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}\n")
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(template: str):
+    """A jinja2 template compiled in an environment set up as transformers sets up its chat-template environment."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """``{% generation %}...{% endgeneration %}`` (marks assistant text for training masks): renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        """``namespace(...)`` that refuses underscore attributes (no reach into interpreter internals)."""
+
+        def __init__(*args, **kwargs):
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set attribute {name!r} on a namespace")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, namespace=Namespace,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env.from_string(template)
 
 
 def _special_tokens(tokens: Sequence[str], types: Sequence[int]) -> tuple[list[AddedToken], list[AddedToken]]:
@@ -145,15 +227,19 @@ class Tokenizer:
     """
 
     def __init__(self, backend: _Backend, *, bos_id: int | None, eos_ids: tuple[int, ...], pad_id: int | None,
-                 add_bos_token: bool, chat_format: str | None, default_system: str | None = None,
-                 name: str = "") -> None:
+                 add_bos_token: bool, chat_format: str | None, chat_template: str | None = None,
+                 special_tokens: Mapping[str, str] | None = None, name: str = "") -> None:
         self.backend = backend
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.pad_id = pad_id
         self.add_bos_token = add_bos_token
         self.chat_format = chat_format
-        self.default_system = default_system
+        self.chat_template_source = "gguf" if chat_template else None
+        if not chat_template and chat_format == "gemma":
+            chat_template, self.chat_template_source = GEMMA_TURNS_TEMPLATE, "kvjax-gemma-turns"
+        self.chat_template = chat_template or None
+        self.special_tokens = dict(special_tokens or {})  # bos_token, eos_token ... as the template sees them
         self.name = name
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
 
@@ -193,19 +279,22 @@ class Tokenizer:
         from kvjax.checkpoints.gguf import stop_token_ids
 
         template = meta.get("tokenizer.chat_template") or ""
-        chat_format, default_system = None, None
+        chat_format = None
         if "<|im_start|>" in tokens[:1024] or "<|im_start|>" in template:
             chat_format = "chatml"
-            m = _CHATML_SYSTEM.search(template)
-            if m and "messages[0]['role'] != 'system'" in template.replace('"', "'"):
-                default_system = m.group(1)
         elif "<start_of_turn>" in tokens[:1024]:
             chat_format = "gemma"
         bos = meta.get("tokenizer.ggml.bos_token_id")
+        special = {}  # the token strings a template sees, as transformers' GGUF conversion names them
+        for var, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                         ("pad_token", "padding")):
+            i = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if isinstance(i, int) and 0 <= i < len(tokens):
+                special[var] = tokens[i]
         return cls(backend, bos_id=bos, eos_ids=stop_token_ids(meta),
                    pad_id=meta.get("tokenizer.ggml.padding_token_id"),
                    add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
-                   chat_format=chat_format, default_system=default_system, name=name)
+                   chat_format=chat_format, chat_template=template, special_tokens=special, name=name)
 
     # -- encoding -------------------------------------------------------------------------------------------------
 
@@ -261,48 +350,36 @@ class Tokenizer:
 
     # -- chat -----------------------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation, in the model's chat format (without BOS: see the class docstring).
-
-        * ChatML (SmolLM2): ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, as the GGUF template writes
-          it, including its default system message when the first message is not a system one; the generation
-          prompt is ``<|im_start|>assistant\\n``.
-        * Gemma: ``<start_of_turn>user\\n{content}<end_of_turn>\\n`` with role ``assistant`` written ``model``, a
-          system message prepended to the first user turn (``system + "\\n\\n"``), contents stripped, and
-          roles alternating user/model; the generation prompt is ``<start_of_turn>model\\n``.
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        """The prompt text of a conversation: the model's chat template (from the GGUF metadata) rendered with jinja2
+        exactly as transformers' ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)`` renders
+        it (see the module docstring), special tokens included as the template writes them (Gemma's starts with
+        ``<bos>``; :meth:`encode` with ``add_bos=True`` never doubles it). ``kwargs`` reach the template as variables.
 
         Raises:
-            ValueError: no chat format is known for this vocabulary, or the messages are malformed.
+            ValueError: the tokenizer has no chat template, the conversation is empty or malformed, or the template
+                refuses it
+                (its ``raise_exception`` message, e.g. Gemma's roles that do not alternate).
         """
+        import jinja2
+
         msgs = []
         for m in messages:
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
                     m.get("content"), str):
                 raise ValueError(f"each message must be a dict with str 'role' and 'content', got {m!r}")
-            msgs.append((m["role"], m["content"]))
-        if self.chat_format == "chatml":
-            out = []
-            if self.default_system is not None and msgs and msgs[0][0] != "system":
-                out.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
-            out += [f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in msgs]
-            if add_generation_prompt:
-                out.append("<|im_start|>assistant\n")
-            return "".join(out)
-        if self.chat_format == "gemma":
-            prefix = ""
-            if msgs and msgs[0][0] == "system":
-                prefix, msgs = msgs[0][1] + "\n\n", msgs[1:]
-            out = []
-            for i, (role, content) in enumerate(msgs):
-                if (role == "user") != (i % 2 == 0):
-                    raise ValueError("Gemma conversations must alternate user/assistant/user/..., starting with "
-                                     f"user (after an optional system message); message {i} has role {role!r}")
-                role = "model" if role == "assistant" else role
-                out.append(f"<start_of_turn>{role}\n{prefix if i == 0 else ''}{content.strip()}<end_of_turn>\n")
-            if add_generation_prompt:
-                out.append("<start_of_turn>model\n")
-            return "".join(out)
-        raise ValueError(f"no chat format known for tokenizer {self.name!r} (neither ChatML nor Gemma tokens)")
+            msgs.append(dict(m))
+        if not msgs:  # (as transformers)
+            raise ValueError("cannot apply a chat template to an empty conversation; give at least one message")
+        if not self.chat_template:
+            raise ValueError(f"tokenizer {self.name!r} has no chat template (tokenizer.chat_template)")
+        variables = {**self.special_tokens, **kwargs}
+        try:
+            return compile_chat_template(self.chat_template).render(
+                messages=msgs, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template of {self.name or 'the tokenizer'}: {e}") from None
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "

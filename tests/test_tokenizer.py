@@ -128,7 +128,6 @@ def test_smollm2_chat_template_matches_gguf_template(smol):
         [{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
-        [],
     ]
     for msgs in conversations:
         for gen in (True, False):
@@ -227,12 +226,14 @@ def test_gemma_chat_format(gemma):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
     assert gemma.apply_chat_template(msgs) == (
-        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
         "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
     assert gemma.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=False) == (
-        "<start_of_turn>user\nx<end_of_turn>\n")
-    ids = gemma.encode(gemma.apply_chat_template([{"role": "user", "content": "x"}]))
-    assert ids[0] == 105 and ids.count(105) == 2 and ids.count(106) == 1
+        "<bos><start_of_turn>user\nx<end_of_turn>\n")
+    text = gemma.apply_chat_template([{"role": "user", "content": "x"}])
+    ids = gemma.encode(text)
+    assert ids[:2] == [2, 105] and ids.count(105) == 2 and ids.count(106) == 1
+    assert gemma.encode(text, add_bos=True) == ids  # the template's BOS is not doubled
     with pytest.raises(ValueError, match="alternate"):
         gemma.apply_chat_template([{"role": "assistant", "content": "x"}])
 
@@ -243,3 +244,95 @@ def test_gemma_matches_transformers(gemma):
     hf = _hf_tokenizer(packaged("gemma3"))
     for text in EDGE_TEXTS + list(GEMMA_GOLDEN) + _plays(3):
         assert gemma.encode(text) == hf.encode(text, add_special_tokens=False), text[:80]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chat templates rendered as transformers renders them (jinja2, sandboxed)
+
+# A Qwen2-style template (its default system message written in an if/else, which kvjax once dropped silently) and a
+# Llama-3-style one (bos_token, trim, namespace, tojson of text with HTML and non-ASCII characters, raise_exception).
+QWEN2_STYLE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant built in a test.<|im_end|>\\n' }}{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if not (message.role == 'system' and loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n")
+LLAMA3_STYLE = (
+    "{{- bos_token }}\n"
+    "{%- set ns = namespace(turns=0) %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{- raise_exception('unknown role ' + message['role']) }}{%- endif %}\n"
+    "    {%- set ns.turns = ns.turns + 1 %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
+    "    {%- if message['role'] == 'tool' %}{{- message['content'] | tojson }}"
+    "{%- else %}{{- message['content'] | trim }}{%- endif %}\n"
+    "    {{- '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi <b>there</b>  "},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye \u00e9\u65e5"}],
+]
+
+
+def _hf_renderer(template: str, special: dict):
+    """A transformers tokenizer whose only use is its ``apply_chat_template`` (same template, same special tokens)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend, models
+
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(["<unk-test>", *special.values()]))}
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=Backend(models.WordLevel(vocab, unk_token="<unk-test>")),
+                                              **special)
+    hf.chat_template = template
+    return hf
+
+
+def _assert_renders_like_transformers(tok, hf, conversations):
+    for msgs in conversations:
+        for gen in (True, False):
+            want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert tok.apply_chat_template(msgs, add_generation_prompt=gen) == want, (msgs, gen)
+
+
+def test_smollm2_chat_template_equals_transformers(smol, smol_hf):
+    assert smol.chat_template_source == "gguf"
+    assert smol_hf.chat_template == smol.chat_template  # transformers read the same template from the GGUF
+    _assert_renders_like_transformers(smol, smol_hf, CONVERSATIONS)
+    for tok in (smol, smol_hf):
+        with pytest.raises(ValueError, match="empty conversation"):
+            tok.apply_chat_template([], tokenize=False) if tok is smol_hf else tok.apply_chat_template([])
+
+
+def test_gemma3_chat_template_equals_transformers(gemma):
+    # The shipped Gemma 3 270M base GGUF has no template: kvjax's Gemma turn template stands in (see kvjax.tokenizer)
+    assert gemma.chat_template_source == "kvjax-gemma-turns" and gemma.special_tokens["bos_token"] == "<bos>"
+    hf = _hf_renderer(gemma.chat_template, gemma.special_tokens)
+    _assert_renders_like_transformers(gemma, hf, CONVERSATIONS)
+    with pytest.raises(ValueError, match="alternate"):  # the template's own raise_exception
+        gemma.apply_chat_template([{"role": "assistant", "content": "x"}])
+
+
+@pytest.mark.parametrize("template", [QWEN2_STYLE, LLAMA3_STYLE], ids=["qwen2_style", "llama3_style"])
+def test_built_chat_templates_equal_transformers(smol, template):
+    """Regression: a default system message written in an if/else (Qwen2.5's way) was dropped silently."""
+    import copy
+
+    tok = copy.copy(smol)
+    tok.chat_template = template
+    tok.special_tokens = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    hf = _hf_renderer(template, tok.special_tokens)
+    tool = [{"role": "user", "content": "x"}, {"role": "tool", "content": "<b>\u00e9</b> \"q\""}]
+    _assert_renders_like_transformers(tok, hf, CONVERSATIONS + [tool])
+    if template is QWEN2_STYLE:
+        assert tok.apply_chat_template(CONVERSATIONS[0]).startswith(
+            "<|im_start|>system\nYou are a helpful assistant built in a test.<|im_end|>\n")
+    else:
+        with pytest.raises(ValueError, match="unknown role robot"):
+            tok.apply_chat_template([{"role": "robot", "content": "x"}])
