@@ -139,9 +139,11 @@ def plan_experiment(config) -> Plan:
         units += [(tname, int(n), per_len) for n in spec["context_tokens"]]
     rows = [(v.label, t, n, k) for v in variants for t, n, k in units]
     n_cells = sum(r[3] for r in rows)
-    labels = {v.label for v in variants}
+    # Cells done with the same method and hyper-parameters (the run itself also matches model, prompts and settings
+    # exactly, by cell identity: see kvjax.eval.rundir; this count does not load the tokenizer, so it is an estimate).
+    same = {(v.label, v.method.describe()) for v in variants}
     done = {r.get("key") for r in harness.read_results(os.path.join(c["run_dir"], "results.jsonl"))
-            if r.get("label") in labels}
+            if (r.get("label"), r.get("method_desc")) in same}
     n_done = min(len(done), n_cells)
     # Prompts of one context length share a shape (padded); the perplexity batch is its own shape.
     shapes: dict[tuple, tuple[int, int]] = {}  # shape -> (tokens, examples)
