@@ -145,6 +145,12 @@ def generate(model: Model, params, prompt: jax.Array, state: KVState | None = No
     from kvjax.compress.base import Context  # noqa: PLC0415
 
     ctx = Context(cfg=model.cfg, decode_room=max_new_tokens, params=None, prompt_len=prompt.shape[1])
+    if method is None or not method.has_decode():  # (methods with a decode phase make room as they define)
+        try:  # the room the compressed state left, on the host, before the decode loop (which cannot check it)
+            model.check_inputs(jnp.zeros((prompt.shape[0], max_new_tokens), jnp.int32), state)
+        except ValueError as e:
+            raise ValueError(f"{e} [after {'prefill' if method is None else method.describe()}, "
+                             f"for {max_new_tokens} new tokens]") from None
     tokens, lengths, state = decode_loop(model, params, logits, state, key, max_new_tokens, sampling,
                                          tuple(stop_tokens), method, ctx)
     return GenerateOutput(tokens=tokens, lengths=lengths, state=state, prefill_logits=logits)

@@ -176,8 +176,12 @@ class Model:
 def overflow_rows(state: KVState, n_new: int):
     """``(B,)`` bool: rows for which writing ``n_new`` more tokens passes a (non-ring) layer's capacity; None when
     every layer is a ring (rings wrap by design)."""
-    flags = [jnp.max(layer.fill, axis=-1) + n_new > layer.capacity for layer in state.layers
-             if getattr(layer, "ring_start", -1) < 0 and hasattr(layer, "fill")]
+    flags = []
+    for layer in state.layers:
+        if getattr(layer, "ring_start", -1) >= 0 or not hasattr(layer, "fill"):
+            continue
+        cap = layer.head_capacity if hasattr(layer, "head_capacity") else layer.capacity  # ragged: per head
+        flags.append(jnp.any(layer.fill + n_new > cap, axis=-1))
     if not flags:
         return None
     return functools.reduce(jnp.logical_or, flags)

@@ -61,3 +61,20 @@ def test_untied_model_without_lm_head_is_an_error(full):
         model.prefill(bad, prompt, model.init_state(2, T))
     with pytest.raises(ValueError, match="no 'lm_head' weight"):
         model.jit_prefill(bad, prompt, model.init_state(2, T))
+
+
+def test_generate_refuses_a_method_that_leaves_no_decode_room(full, monkeypatch):
+    """The decode loop cannot check room inside its compiled loop, so generate checks the compressed state first."""
+    from kvjax.compress import get_method
+    from kvjax.compress.base import Context
+
+    model, params, prompt, _ = full
+    method = get_method("snapkv", budget=9, window=3)  # (a setting no other test traces)
+    real = type(method).prefill
+
+    def stingy(self, state, obs, ctx):  # a method that ignores ctx.decode_room
+        return real(self, state, obs, Context(cfg=ctx.cfg, decode_room=0, params=ctx.params, prompt_len=ctx.prompt_len))
+
+    monkeypatch.setattr(type(method), "prefill", stingy)
+    with pytest.raises(ValueError, match=r"positions past capacity.*\[after snapkv\(.*for 3 new tokens\]"):
+        generate(model, params, prompt, max_new_tokens=3, method=method)

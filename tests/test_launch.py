@@ -174,7 +174,7 @@ def test_changed_config_runs_new_cells_beside_old_ones(finished_run, tmp_path):
     c.methods.streaming_llm.window = 20  # same label "streaming_llm", another method
     summary = run_experiment(c, progress=False)
     rows = [json.loads(l) for l in open(run_dir / "results.jsonl")]
-    new = rows[9:]
+    new = rows[12:]
     assert len(new) == 2 and all("window=20" in r["method_desc"] for r in new)
     stream = [s for s in summary if s["label"] == "streaming_llm"]
     assert len(stream) == 1 and stream[0]["n"] == 2
@@ -185,7 +185,7 @@ def test_changed_config_runs_new_cells_beside_old_ones(finished_run, tmp_path):
     c.methods.streaming_llm.window = 28  # back to the first config: nothing to run, the old rows count again
     c.perplexity.enabled = True
     run_experiment(c, progress=False)
-    assert len(open(run_dir / "results.jsonl").readlines()) == 11
+    assert len(open(run_dir / "results.jsonl").readlines()) == 14
 
 
 def test_cell_identity_covers_model_dtype_and_every_hyper_parameter():
@@ -197,10 +197,10 @@ def test_cell_identity_covers_model_dtype_and_every_hyper_parameter():
     ppl = {"corpus": "hamlet", "context_tokens": 8, "eval_tokens": 4, "n_segments": 1}
     seg = np.arange(12)[None]
 
-    def cid(model="tiny-random", dtype="float32", fp="abc", window=8, seg=seg, **ppl_over):
+    def cid(model="tiny-random", dtype="float32", fp="abc", window=8, seg=seg, mode="once", **ppl_over):
         v = expand_methods({"snapkv": {"budget": 32, "window": window}})[0]
         m = {"name": model, "dtype": dtype, "config_sha256": fp}
-        return rundir.cell_id(experiment._identity(m, ("ppl", None, None), v, ppl | ppl_over, seg))
+        return rundir.cell_id(experiment._identity(m, ("ppl", None, mode), v, ppl | ppl_over, seg))
 
     base = cid()
     others = [cid(model="x"), cid(dtype="bfloat16"), cid(fp="def"), cid(window=16), cid(seg=seg + 1),

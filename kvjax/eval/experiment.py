@@ -302,9 +302,10 @@ def _identity(model_id: dict, unit, v, ppl: dict, segments) -> dict:
     kind, g, p = unit
     ident = {"model": model_id, "method": v.method.describe()}
     if kind == "ppl":
-        return ident | {"task": harness.PPL_TASK, "corpus": ppl["corpus"], "context_tokens": int(ppl["context_tokens"]),
-                        "eval_tokens": int(ppl["eval_tokens"]), "n_segments": int(ppl["n_segments"]),
-                        "mode": ppl.get("mode", "chunk"), "tokens_sha256": rundir.sha256_arrays(segments)}
+        return ident | {"task": harness.ppl_task_name(p), "corpus": ppl["corpus"],
+                        "context_tokens": int(ppl["context_tokens"]), "eval_tokens": int(ppl["eval_tokens"]),
+                        "n_segments": int(ppl["n_segments"]), "mode": p,
+                        "tokens_sha256": rundir.sha256_arrays(segments)}
     ex = p.example
     return ident | {"task": ex.task, "context_tokens": g.context_tokens,
                     "depth": ex.meta.get("requested_depth", ex.depth), "seed": ex.seed,
