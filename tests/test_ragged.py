@@ -167,7 +167,7 @@ def test_adakv_ragged_equals_padded_in_fewer_bytes_and_chains(tiny):
                 want = np.asarray(lp.pos[b, h])
                 have = np.asarray(lq.pos[b, h])
                 assert sorted(have[have >= 0].tolist()) == sorted(want[want >= 0].tolist())
-    with pytest.raises(ValueError, match="later method of the chain leaves ragged"):
+    with pytest.raises(ValueError, match="later method of the chain leaves ragged ones"):
         chain(get_method("h2o", budget=6), get_method("adakv", **ada))
     with pytest.raises(ValueError, match="storage"):
         get_method("adakv", storage="paged")

@@ -1,0 +1,39 @@
+"""Per-head storage and channel pruning (issue 14) on SmolLM2-135M at ~1K tokens: AdaKV with ragged vs padded
+storage at the same kept tokens, RazorAttention (with and without its count-weighted compensation token) and ThinK
+on top of SnapKV, against the full cache.
+
+Cells: 8 single-needle prompts (4 depths x 2 seeds, Shakespeare filler, ~1K tokens) per method, answer
+log-probability, perplexity of 2 x 256 Shakespeare tokens after a 768-token compressed context (compressed once),
+KV bytes and decode speed vs the full cache in the same run.
+
+RazorAttention's threshold S0 = 4000 tokens would leave a 1K prompt uncompressed, so ``min_buffer=0`` here (local
+buffer = N / 5 = ~205 tokens + 4 sinks + 1 compensation token in the non-retrieval heads; 15% of KV heads are
+retrieval heads, found with the echo/induction probe).
+
+python -m kvjax.launch --config=configs/heads_channels.py
+"""
+import ml_collections
+
+NEEDLES = {"context_tokens": (1024,), "depths": (0.2, 0.4, 0.6, 0.8), "seeds": (0, 1),
+           "kwargs": {"filler": "shakespeare"}}
+PERPLEXITY = {"enabled": True, "corpus": "shakespeare", "context_tokens": 768, "eval_tokens": 256, "n_segments": 2,
+              "mode": ("once",)}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/heads_channels"
+    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
+    c.precompile = True
+    c.prompt_style = "plain"
+    c.max_new_tokens = 10
+    c.methods = ml_collections.ConfigDict({
+        "full": {},
+        "adakv_ragged": {"name": "adakv", "budget": 128},
+        "adakv_padded": {"name": "adakv", "budget": 128, "storage": "padded"},
+        "razor": {"name": "razor", "min_buffer": 0},
+        "razor_unweighted": {"name": "razor", "min_buffer": 0, "count_weight": False},
+    })
+    c.tasks = ml_collections.ConfigDict({"niah_single": dict(NEEDLES)})
+    c.perplexity = ml_collections.ConfigDict(dict(PERPLEXITY))
+    return c
