@@ -504,17 +504,17 @@ def kv_nbytes(tree: Any) -> int:
 
 def valid_nbytes(tree: Any) -> int:
     """Bytes of the *valid* entries of ``tree`` (a KV state or a layer): like :func:`nbytes`, but arrays aligned with a
-    layer's slots (leading dims ``(B, Hkv, C)`` of its ``pos``: keys, values, positions, per-slot statistics) count
-    only their valid slots (``pos >= 0``). Padding to the largest head of a ragged layer and free decode room are thus
+    layer's slots (leading dims those of its ``pos``: ``(B, Hkv, C)`` dense, ``(B, N)`` :class:`RaggedKV`; keys,
+    values, positions, per-slot statistics) count only their valid slots (``pos >= 0``). Padding to the largest head of a ragged layer and free decode room are thus
     not charged; every other array (quantization scales of packed blocks, per-head counters, ...) counts in full.
     With :func:`nbytes` (what the state allocates) this brackets what a ragged/varlen layout would need."""
     total = 0
 
     def layer_bytes(layer) -> int:
         pos = getattr(layer, "pos", None)
-        if pos is None or getattr(pos, "ndim", 0) < 3:
+        if pos is None or getattr(pos, "ndim", 0) < 2:
             return nbytes(layer)
-        lead = tuple(pos.shape)  # (B, Hkv, C), or (L, B, Hkv, C) for stacked layers
+        lead = tuple(pos.shape)  # (B, Hkv, C) dense, (B, N) ragged flat slots; a leading L when stacked
         frac = float(np.sum(np.asarray(pos) >= 0)) / max(1, int(np.prod(lead)))
         out = 0
         for leaf in jax.tree_util.tree_leaves(layer):

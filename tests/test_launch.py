@@ -324,3 +324,17 @@ def test_valid_nbytes_counts_only_valid_slots():
     assert valid_nbytes(state) == 4 * slot_bytes + other
     assert valid_nbytes(layer) == 4 * slot_bytes + 4 * 2 + 4 * 2
     assert np.all(np.asarray(layer.pos) == np.asarray(pos))  # untouched
+
+
+def test_valid_nbytes_of_ragged_layer_excludes_decode_room():
+    import jax.numpy as jnp
+
+    from kvjax.state import RaggedKV, nbytes, valid_nbytes
+
+    # B=1, 2 heads in one flat buffer of 6 slots: head 0 holds 2 tokens + 1 free, head 1 holds 1 token + 2 free
+    pos = jnp.asarray([[0, 3, -1, 2, -1, -1]], jnp.int32)
+    layer = RaggedKV(k=jnp.zeros((1, 6, 4)), v=jnp.zeros((1, 6, 4)), pos=pos,
+                     offsets=jnp.asarray([[0, 3, 6]], jnp.int32), fill=jnp.asarray([[2, 1]], jnp.int32), max_len=3)
+    per_slot = 4 * (4 + 4 + 1)
+    assert nbytes(layer) == 6 * per_slot + 4 * 3 + 4 * 2
+    assert valid_nbytes(layer) == 3 * per_slot + 4 * 3 + 4 * 2
