@@ -1,6 +1,7 @@
 """Per-head storage and channel pruning (issue 14) on SmolLM2-135M at ~1K tokens: AdaKV with ragged vs padded
 storage at the same kept tokens, RazorAttention (with and without its count-weighted compensation token) and ThinK
-on top of SnapKV, against the full cache.
+(40% of key channels pruned) on top of SnapKV-128, against the full cache and SnapKV-128 alone. Variants run in the
+order listed (a resumed run continues where it stopped).
 
 Cells: 8 single-needle prompts (4 depths x 2 seeds, Shakespeare filler, ~1K tokens) per method, answer
 log-probability, perplexity of 2 x 256 Shakespeare tokens after a 768-token compressed context (compressed once),
@@ -29,10 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_new_tokens = 10
     c.methods = ml_collections.ConfigDict({
         "full": {},
-        "adakv_ragged": {"name": "adakv", "budget": 128},
-        "adakv_padded": {"name": "adakv", "budget": 128, "storage": "padded"},
         "razor": {"name": "razor", "min_buffer": 0},
+        "snapkv_think": {"name": "chain", "chain": ("snapkv", "think"), "snapkv": {"budget": 128}, "think": {}},
+        "adakv_ragged": {"name": "adakv", "budget": 128},
+        "snapkv": {"name": "snapkv", "budget": 128},
         "razor_unweighted": {"name": "razor", "min_buffer": 0, "count_weight": False},
+        "adakv_padded": {"name": "adakv", "budget": 128, "storage": "padded"},
     })
     c.tasks = ml_collections.ConfigDict({"niah_single": dict(NEEDLES)})
     c.perplexity = ml_collections.ConfigDict(dict(PERPLEXITY))
