@@ -130,6 +130,7 @@ def tiny():
     return kvjax.Model(CFG), tiny_params(CFG)
 
 
+@pytest.mark.slow
 def test_adakv_ragged_equals_padded_in_fewer_bytes_and_chains(tiny):
     model, params = tiny
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)

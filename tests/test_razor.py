@@ -47,6 +47,7 @@ def tiny():
     return kvjax.Model(CFG), tiny_params(CFG)
 
 
+@pytest.mark.slow
 def test_probe_selects_the_papers_fractions(tiny):
     model, params = tiny
     mask, scores = retrieval_heads(model, params, length=16, repeats=3, induction_frac=0.25, echo_frac=0.25)
@@ -105,6 +106,7 @@ def test_razor_equals_dense_cache_with_repeated_compensation_token(tiny):
     assert kvjax.nbytes(state) < kvjax.nbytes(full)
 
 
+@pytest.mark.slow
 def test_razor_chains_with_eviction_and_quantization(tiny):
     model, params = tiny
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)

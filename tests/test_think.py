@@ -65,17 +65,23 @@ def test_pruned_attention_equals_attention_on_kept_dims_and_bytes():
     lt = st.layers[0]
     assert kvjax.nbytes(lt.pruned.k) * 2 == lt.pruned.k.size * 4 * 2 and lt.channels.dtype == jnp.uint8
     assert kvjax.nbytes(st) < kvjax.nbytes(dense)
-    # decoding appends full-dimension keys to the recent part; ratio 0 keeps every channel (same logits as SnapKV)
-    lg, st2 = model.jit_decode_step(params, jnp.asarray([3, 5]), st)
-    assert (np.asarray(st2.layers[0].recent.fill) == np.asarray(st.layers[0].recent.fill) + 1).all()
-    full_ch = prefill_compressed(model, params, prompt, method=chain(snap, get_method("think", ratio=0.0, window=3)),
-                                 decode_room=2)[1]
-    l0, _ = model.jit_decode_step(params, jnp.asarray([3, 5]), full_ch)
-    l1, _ = model.jit_decode_step(params, jnp.asarray([3, 5]), dense)
-    np.testing.assert_allclose(np.asarray(l0), np.asarray(l1), atol=1e-5)
     with pytest.raises(ValueError, match="leaves channel ones"):
         chain(get_method("h2o", budget=8), think)
     with pytest.raises(ValueError, match="needs a dense"):
         chain(think, get_method("kivi"))
     with pytest.raises(ValueError, match="ratio"):
         get_method("think", ratio=1.0)
+
+
+@pytest.mark.slow
+def test_decode_appends_full_keys_and_ratio_zero_is_snapkv():
+    model, params = kvjax.Model(CFG), tiny_params(CFG)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
+    snap = get_method("snapkv", budget=8, window=3, kernel=3)
+    dense = prefill_compressed(model, params, prompt, method=snap, decode_room=2)[1]
+    st = prefill_compressed(model, params, prompt, method=chain(snap, get_method("think", ratio=0.0, window=3)),
+                            decode_room=2)[1]
+    l0, st2 = model.jit_decode_step(params, jnp.asarray([3, 5]), st)
+    assert (np.asarray(st2.layers[0].recent.fill) == np.asarray(st.layers[0].recent.fill) + 1).all()
+    l1, _ = model.jit_decode_step(params, jnp.asarray([3, 5]), dense)
+    np.testing.assert_allclose(np.asarray(l0), np.asarray(l1), atol=1e-5)
