@@ -98,7 +98,7 @@ def test_bad_score_shape_and_hyperparameters_fail_clearly():
         def score(self, ctx, layer, obs):
             return layer.pos[:, 0]
 
-    with pytest.raises(ValueError, match=r"test_bad.score must return \(batch, kv heads or query heads, slots\)"):
+    with pytest.raises(ValueError, match=r"test_bad.score must return \(batch, kv heads or query heads, slots\) = \(2, 2 or a multiple, 8\)"):
         Bad(budget=2).prefill(hand_state([1.0] * 8), None, Context(cfg=CFG))
     with pytest.raises(ValueError, match=r"budget \(4\) must exceed window \+ n_sink \(2 \+ 2\)"):
         KeyNorm(budget=4, window=2, n_sink=2)

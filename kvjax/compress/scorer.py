@@ -83,14 +83,12 @@ class ScorerMethod(Method):
                              f"({ctx.prompt_len} tokens)")
 
     def prefill(self, state, obs, ctx: Context):
-        hkv = ctx.cfg.num_kv_heads
-
         def one(i, layer, o):
+            b, hkv, c = layer.pos.shape
             s = jnp.asarray(self.score(ctx, layer, o), jnp.float32)
-            if s.ndim != 3 or s.shape[-1] != layer.capacity or s.shape[1] not in (hkv, ctx.cfg.num_heads):
+            if s.ndim != 3 or s.shape[0] != b or s.shape[-1] != c or s.shape[1] % hkv:
                 raise ValueError(f"{self.name}.score must return (batch, kv heads or query heads, slots) = "
-                                 f"({layer.pos.shape[0]}, {hkv} or {ctx.cfg.num_heads}, {layer.capacity}), "
-                                 f"got {s.shape}")
+                                 f"({b}, {hkv} or a multiple, {c}), got {s.shape}")
             if s.shape[1] != hkv:
                 s = group_to_kv_heads(s, hkv, self.gqa_reduce)
             force = recent_mask(layer, state.next_pos, self.window) if self.window else None
