@@ -4,8 +4,11 @@ Configs with a ``train`` section (``configs/locret_train.py``, ``configs/duo_tra
 (:mod:`kvjax.train.run`) instead of an evaluation.
 
 Flags: ``--config`` (an ml_collections config file; any field can be overridden on the command line, e.g.
-``--config.methods.snapkv.budget="(256,512)"`` or ``--config.run_dir=runs/mine``), ``--distributed`` (call
-``jax.distributed.initialize()`` first, for multi-host TPU pods; only process 0 writes files), ``--progress``.
+``--config.methods.snapkv.budget="(256,512)"`` or ``--config.run_dir=runs/mine``), ``--mesh=data:1,model:2,sequence:4``
+(shard the model and KV states over this process's devices, :mod:`kvjax.sharding`), ``--distributed`` (call
+``jax.distributed.initialize()`` first — on a pod it discovers its peers; elsewhere pass ``--coordinator=host:port
+--num_processes=N --process_id=I`` — and divide the cells among the processes, :mod:`kvjax.eval.distributed`),
+``--progress``.
 Exit code 2 with a one-line message for an invalid config.
 
 Listings (nothing is loaded or run): ``--list_methods`` (every registered method with its family, hyper-parameters,
@@ -24,6 +27,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "experiment config file")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "initialize jax.distributed (multi-host pods)")
+_MESH = flags.DEFINE_string("mesh", None, "device mesh over this process's local devices, e.g. 'data:2,model:4' or "
+                            "'model:2,sequence:4' (overrides config.mesh; see kvjax.sharding)")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "with --distributed: coordinator host:port (default: "
+                                   "discovered by jax.distributed, e.g. on Cloud TPU / GKE / SLURM)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
 _PROGRESS = flags.DEFINE_bool("progress", True, "show progress bars")
 _LIST_METHODS = flags.DEFINE_bool("list_methods", False, "list every registered method and exit")
 _LIST_TASKS = flags.DEFINE_bool("list_tasks", False, "list every task and exit")
@@ -44,14 +53,18 @@ def main(argv) -> int:
         return 0
     from kvjax.eval.experiment import ConfigError
 
-    if _DRY_RUN.value and "train" in _CONFIG.value:
-        t = _CONFIG.value.train
-        print(f"training {t.kind} on {_CONFIG.value.model.name}: {t.steps} steps of {t.data.batch_size} x "
-              f"{t.data.seq_len} tokens from {', '.join(t.data.sources)} -> {_CONFIG.value.run_dir}/ckpt")
+    config = _CONFIG.value
+    if _MESH.value is not None:
+        with config.unlocked():
+            config.mesh = _MESH.value
+    if _DRY_RUN.value and "train" in config:
+        t = config.train
+        print(f"training {t.kind} on {config.model.name}: {t.steps} steps of {t.data.batch_size} x "
+              f"{t.data.seq_len} tokens from {', '.join(t.data.sources)} -> {config.run_dir}/ckpt")
         return 0
     if _DRY_RUN.value:
         try:
-            print(plan.plan_experiment(_CONFIG.value).format())
+            print(plan.plan_experiment(config).format())
         except ConfigError as e:
             print(f"kvjax.launch: error: {e}", file=sys.stderr)
             return 2
@@ -62,22 +75,23 @@ def main(argv) -> int:
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint step at INFO
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     if _COMPILE_CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     from kvjax.eval.experiment import ConfigError, run_experiment
 
     try:
-        if "train" in _CONFIG.value:  # a training run (kvjax.train.run): configs/locret_train.py, duo_train.py
+        if "train" in config:  # a training run (kvjax.train.run): configs/locret_train.py, duo_train.py
             from kvjax.train.run import run_training
 
             try:
-                run_training(_CONFIG.value, progress=_PROGRESS.value)
+                run_training(config, progress=_PROGRESS.value)
             except ValueError as e:  # bad config values, mismatched / corrupt checkpoints (CheckpointError)
                 raise ConfigError(str(e)) from None
         else:
-            run_experiment(_CONFIG.value, progress=_PROGRESS.value)
+            run_experiment(config, progress=_PROGRESS.value)
     except (ConfigError, FileNotFoundError) as e:
         print(f"kvjax.launch: error: {e}", file=sys.stderr)
         return 2

@@ -32,10 +32,11 @@ class Pretrained:
     params: Any
     tokenizer: Any
     prompt_style: str  # "plain" or "chat"
+    mesh: Any = None  # a kvjax.sharding mesh: the model keeps its KV states sharded on it (params: shard_params)
 
     @property
     def model(self) -> Model:
-        return Model(self.cfg)
+        return Model(self.cfg, mesh=self.mesh)
 
     def chat_prefix(self, user: str) -> str:
         """The text up to the start of the assistant turn for one user message."""

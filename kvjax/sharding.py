@@ -20,6 +20,8 @@ cache arrays ``(B, Hkv, C, ...)``        ``("data", "model", "sequence" | None, 
                                         ``sequence`` when the mesh has one and it divides C (a "long" cache),
                                         else that layer's slots stay whole on each device
 per-head arrays ``(B, Hkv, ...)``        ``("data", "model", ...)`` (``fill``, per-head statistics, scales)
+ragged layers' flat buffers ``(B, N..)``  ``("data", None, ...)``: all heads of a row in one buffer, whole on
+                                        each model/sequence device (AdaKV's ``storage="ragged"``)
 ``next_pos``, ``rope_shift`` ``(B,)``   ``("data",)``
 ======================================  =====================================================================
 
@@ -193,18 +195,22 @@ def param_specs(params, mesh: Mesh | MeshSpec):
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def _layer_specs(layer, s: MeshSpec, lead: int):
-    """Specs for one cache layer's leaves; ``lead`` = number of leading stack axes."""
-    pos = layer.pos
-    b, h, c = pos.shape[lead:lead + 3]
-    seq = s.sequence > 1 and c % s.sequence == 0
+def _layer_specs(layer, s: MeshSpec, lead: int, batch: int):
+    """Specs for one cache layer's leaves; ``lead`` = number of leading stack axes. Head-major layers (``pos``
+    ``(B, Hkv, C)``: dense, quantized) shard heads over ``model`` and long slot axes over ``sequence``; other layouts
+    (a ragged layer's flat per-row buffer of all heads) shard only their batch axis."""
+    pos = getattr(layer, "pos", None)
+    head_major = pos is not None and pos.ndim - lead == 3
+    if head_major:
+        b, h, c = pos.shape[lead:lead + 3]
+        seq = s.sequence > 1 and c % s.sequence == 0
 
     def leaf(x):
         shp = x.shape[lead:]
-        if len(shp) >= 2 and tuple(shp[:2]) == (b, h):
+        if head_major and len(shp) >= 2 and tuple(shp[:2]) == (b, h):
             third = ("sequence" if seq and len(shp) >= 3 and shp[2] == c else None,) if len(shp) >= 3 else ()
             return _lead(P("data", "model", *third, *(None,) * (len(shp) - 3)), lead)
-        if len(shp) >= 1 and shp[0] == b:
+        if len(shp) >= 1 and shp[0] == batch:
             return _lead(P("data", *(None,) * (len(shp) - 1)), lead)
         return _lead(P(), lead)
 
@@ -217,9 +223,9 @@ def state_specs(state, mesh: Mesh | MeshSpec):
 
     s = mesh if isinstance(mesh, MeshSpec) else mesh_spec(mesh)
     if isinstance(state.layers, StackedLayers):
-        layers = StackedLayers(_layer_specs(state.layers.tree, s, 1))
+        layers = StackedLayers(_layer_specs(state.layers.tree, s, 1, state.batch_size))
     else:
-        layers = tuple(_layer_specs(layer, s, 0) for layer in state.layers)
+        layers = tuple(_layer_specs(layer, s, 0, state.batch_size) for layer in state.layers)
     return state.replace(layers=layers, next_pos=P("data"), rope_shift=P("data"))
 
 

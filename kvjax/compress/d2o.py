@@ -31,6 +31,10 @@ GQA: the token scores (accumulated column sums) of the query heads sharing a KV 
 head with ``gqa_reduce`` (mean, default; max or sum), no pooling involved; the layer statistic is computed per query
 head before the head average. The authors' code runs MHA models (Llama-2, hard-coded 32 heads) and keeps one
 selection per head, so kvjax's reduction is exact there.
+
+Sharded (``kvjax.sharding``): the attention-density statistics of all layers are gathered to the host before the
+layer budgets are allocated, so the allocation is exactly the unsharded one; the decode-time merging is per head
+(jitted, partitioned by XLA); compacted layers go back on the mesh by the partition rules.
 """
 from __future__ import annotations
 

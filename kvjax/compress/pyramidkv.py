@@ -14,6 +14,10 @@ a prompt shorter than ``2 (B - w)`` tokens gets the uniform SnapKV budget. Devia
 in exact arithmetic and rounded by largest remainder so that the total is exactly the uniform one (the reference
 floors the step, which over-allocates up to ``L (L - 1) / 2`` tokens in all); layers are ranked among global layers
 (sliding-window layers are left alone); with GQA the votes of the query heads sharing a KV head are averaged.
+
+Sharded (``kvjax.sharding``): the layer budgets depend only on the layer index and the prompt length, so every
+shard computes the same allocation; per-head top-k selection reads only its own heads. Results equal the unsharded
+run.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from kvjax.eval import harness, rundir
+from kvjax.eval import distributed, harness, rundir
 from kvjax.eval.tasks import get_task, sweep
 
 
@@ -89,7 +89,35 @@ def validate(config) -> tuple[list[harness.Variant], dict]:
                                   f"use a budget <= {n}")
     if not tasks and not ppl.get("enabled"):
         raise ConfigError("nothing to run: config.tasks is empty and perplexity is disabled")
+    validate_mesh_config(c, variants, tasks)
     return variants, tasks
+
+
+def validate_mesh_config(c: dict, variants, tasks) -> None:
+    """``config.mesh`` (e.g. ``"model:2,sequence:4"``): parsed, checked against the local devices, the methods (a
+    sequence axis needs dense caches) and the batches (generation cells hold one prompt each; the perplexity cell
+    ``n_segments``), all before the model is loaded. The model's heads are checked once it is loaded."""
+    from kvjax import sharding
+
+    try:
+        spec = sharding.parse_mesh(c.get("mesh") or "")
+        if spec is None:
+            return
+        if spec.sequence > 1:
+            for v in variants:
+                if not v.is_full:
+                    sharding.check_sequence_method(v.method)
+        if tasks and spec.data > 1:
+            raise sharding.ShardingError(
+                f"mesh axis data:{spec.data} does not divide the batch of generation cells (1 prompt each); "
+                "use data:1 for task cells (the model and sequence axes shard them)")
+        ppl = c.get("perplexity", {})
+        if ppl.get("enabled"):
+            sharding.validate_mesh(spec, batch=int(ppl["n_segments"]))
+        if spec.size > jax.local_device_count():
+            sharding.make_mesh(spec)  # raises the one-line error naming the device count
+    except sharding.ShardingError as e:
+        raise ConfigError(f"mesh={c.get('mesh')!r}: {e}") from None
 
 
 def ppl_modes(ppl: dict) -> list[str]:
@@ -159,6 +187,16 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
     from kvjax.pretrained import load_pretrained
 
     lm = load_pretrained(c["model"]["name"], c["model"].get("dtype", "float32"), progress=progress)
+    if c.get("mesh"):  # shard the model and every KV state over this process's local devices
+        from kvjax import sharding
+
+        try:
+            lm.mesh = sharding.make_mesh(c["mesh"])
+            sharding.validate_mesh(lm.mesh, lm.cfg)
+        except sharding.ShardingError as e:
+            raise ConfigError(f"mesh={c['mesh']!r}: {e}") from None
+        lm.params = lm.model.shard_params(lm.params)
+    p_index, p_count = distributed.process_layout()
     style = c.get("prompt_style", "auto")
     style = lm.prompt_style if style == "auto" else style
     if style not in ("plain", "chat"):
@@ -170,7 +208,7 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
     results_path = os.path.join(run_dir, "results.jsonl")
     if writer:
         _record_config(run_dir, c)
-    rows = rundir.read_rows(results_path)
+    rows = distributed.read_all_rows(run_dir)  # results.jsonl and the shards of an interrupted distributed run
     by_id = {rundir.row_id(r): r for r in rows}
 
     # Units of work: one prefill each (an example, or the perplexity batch), compressed by every variant.
@@ -184,8 +222,14 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
     model_id = _model_identity(c, lm)
     cells = {(i, v.label): _identity(model_id, u, v, ppl, segments) for i, u in enumerate(units) for v in ordered}
     ids = {k: rundir.cell_id(ident) for k, ident in cells.items()}
-    n_cells = len(units) * len(ordered)
-    todo = [(u, [v for v in ordered if ids[i, v.label] not in by_id]) for i, u in enumerate(units)]
+    canonical = _canonical_order(units, ordered, ids)
+    mine = set(range(len(units)))
+    if p_count > 1:  # this process's share of the units (kvjax.eval.distributed); rows go to its own shard file
+        mine = set(distributed.my_share(len(units), p_index, p_count))
+        results_path = distributed.shard_path(run_dir, p_index, p_count)
+        os.makedirs(run_dir, exist_ok=True)
+    n_cells = len(mine) * len(ordered)
+    todo = [(u, [v for v in ordered if ids[i, v.label] not in by_id]) for i, u in enumerate(units) if i in mine]
     todo = [(u, vs) for u, vs in todo if vs]
     n_todo = sum(len(vs) for _, vs in todo)
     others = len(set(by_id) - set(ids.values()))
@@ -207,7 +251,7 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
     shape_groups: dict[tuple, list[int]] = {}
     for i, (unit, _) in enumerate(todo):
         shape_groups.setdefault(("ppl",) if unit[0] == "ppl" else ("gen", unit[1].context_tokens), []).append(i)
-    f = rundir.open_for_append(results_path) if writer else None
+    f = rundir.open_for_append(results_path) if (writer or p_count > 1) else None
     try:
         for members in shape_groups.values():
             prefilled = {}
@@ -241,6 +285,12 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
         bar.close()
         if f is not None:
             f.close()
+    if p_count > 1:  # every process is done: process 0 merges the shards into results.jsonl
+        distributed.barrier("kvjax-experiment-cells-done")
+        if writer:
+            distributed.merge_shards(run_dir, canonical, _json_default)
+            by_id = {rundir.row_id(r): r for r in distributed.read_all_rows(run_dir)}
+        distributed.barrier("kvjax-experiment-merged")
     # This config's cells only (a reused row carries this config's label and task name).
     rows = [dict(by_id[ids[i, v.label]], label=v.label, **({"task": units[i][1].task} if units[i][0] == "gen" else {}))
             for i in range(len(units)) for v in ordered if ids[i, v.label] in by_id]
@@ -312,6 +362,15 @@ def _identity(model_id: dict, unit, v, ppl: dict, segments) -> dict:
                     "max_new_tokens": g.max_new_tokens, "answers": list(ex.answers),
                     "example_meta_sha256": rundir.cell_id(ex.meta),
                     "prompt_sha256": rundir.sha256_arrays(p.tokens, p.mask, p.answer_ids, p.answer_mask)}
+
+
+def _canonical_order(units, ordered, ids) -> list[str]:
+    """Cell ids in the order a single process writes them (shape group, variant, unit): the merged results of a
+    distributed run come in this order, so they read like a single-process run's."""
+    groups: dict[tuple, list[int]] = {}
+    for i, u in enumerate(units):
+        groups.setdefault(("ppl",) if u[0] == "ppl" else ("gen", u[1].context_tokens), []).append(i)
+    return [ids[i, v.label] for members in groups.values() for v in ordered for i in members]
 
 
 def _where(unit) -> str:
