@@ -29,9 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.prompt_style = "plain"
     c.max_new_tokens = 10
     c.methods = ml_collections.ConfigDict({
-        "full": {},
         "razor": {"name": "razor", "min_buffer": 0},
         "snapkv_think": {"name": "chain", "chain": ("snapkv", "think"), "snapkv": {"budget": 128}, "think": {}},
+        "full": {},
         "adakv_ragged": {"name": "adakv", "budget": 128},
         "snapkv": {"name": "snapkv", "budget": 128},
         "razor_unweighted": {"name": "razor", "min_buffer": 0, "count_weight": False},
