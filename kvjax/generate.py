@@ -164,7 +164,8 @@ def stack_for_loop(model: Model, params, state: KVState):
     from kvjax.models import llama  # noqa: PLC0415
     from kvjax.state import pad_stack, stack_layers, stackable  # noqa: PLC0415
 
-    if getattr(model.forward_impl, "raw", model.forward_impl) is not llama.forward or not stackable(params["layers"]):
+    raw = getattr(model.forward_impl, "raw", model.forward_impl)  # (a sharded model wraps the forward)
+    if raw is not llama.forward or not stackable(params["layers"]):
         return params, state, None
     stacked = {**params, "layers": stack_layers(params["layers"])}
     if stackable(state.layers):
