@@ -6,8 +6,8 @@ method variant of a unit runs where the unit runs) are dealt round-robin, unit `
 ``u % process_count``. Each process computes on its own local devices (sharded over them with ``--mesh``) and
 appends its rows to its own shard file ``results.p<i>-of-<n>.jsonl`` (process ``i`` holds the run directory's lock
 ``.lock.p<i>``, :class:`kvjax.eval.rundir.RunDirLock`, so two launches never write one shard). When all are done
-(a barrier), process 0 merges the shards into the usual ``results.jsonl`` (in the canonical cell order, each cell once), removes the merged
-shards and writes the summary and the plot.
+(a barrier), process 0 merges the shards into the usual ``results.jsonl`` (in the canonical cell order, each cell
+once), removes the merged shards and writes the summary and the plot.
 
 Resume: every process reads ``results.jsonl`` and every shard file present (of any process count), so cells
 finished by a crashed or interrupted run are not run again, whichever process ran them, even if the new run uses
