@@ -370,3 +370,50 @@ def test_evicted_layer_keeps_its_capacity(tiny):
     ctx = Context(cfg=model.cfg, decode_room=10, prompt_len=T)
     out = jax.jit(lambda st: kivi.prefill(st, None, ctx)[0])(model.init_state(2, 33))
     assert out.layers[0].capacity >= 33 and out.layers[0].q_capacity == math.floor(33 / 16) * 16
+
+
+# ------------------------------------------------------------------------------------------------- KIVI sliding values
+
+
+def test_kivi_values_keep_exactly_the_last_R_in_full_precision_after_every_step():
+    """KIVI's reference keeps exactly the last R values in full precision (prefill: all but the last R quantized;
+    decode: slide by one). After the prefill and after every decode step (crossing key-group flushes, ragged heads)
+    the dequantized values equal the original ones for exactly the last min(R, n) tokens of every head; the Pallas
+    kernel (interpret mode) reads the same cache as the reference path."""
+    rng = np.random.default_rng(11)
+    b, h, d, rr, start, total = 2, 2, 16, 16, 21, 58
+    k = jnp.asarray(rng.normal(size=(b, h, total, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, h, total, d)), jnp.float32)
+    spec = get_method("kivi", group=8, residual=rr).spec()
+    assert spec.v_slide
+    fill0 = jnp.asarray([[start, start - 9], [start - 13, start]], jnp.int32)  # 21, 12 (< R), 8, 21 prompt tokens
+    pos0 = jnp.where(jnp.arange(start) < fill0[..., None], jnp.arange(start), -1).astype(jnp.int32)
+    cache, _, _ = _quantize(_dense(k[:, :, :start], v[:, :, :start], pos0, fill0), spec, room=total - start)
+    append = jax.jit(lambda c, kk, vv, pp: c.append(kk, vv, pp))
+    values = jax.jit(lambda c: c.dense()[1])
+    kernel_checked = 0
+    for t in range(start, total + 1):
+        vd = np.asarray(values(cache))
+        pos = np.asarray(cache.pos)
+        for i in range(b):
+            for j in range(h):
+                n = int(cache.fill[i, j])
+                slots = np.nonzero(pos[i, j] >= 0)[0]
+                assert len(slots) == n
+                # the token at original position p has value v[..., p] only if it was not evicted; heads with a
+                # shorter prompt lack positions [fill0, start)
+                p = pos[i, j, slots]
+                exact = np.all(vd[i, j, slots] == np.asarray(v[i, j, p]), axis=-1)
+                recent = np.argsort(p)[::-1][:min(rr, n)]
+                assert exact.sum() == min(rr, n), (t, i, j, exact.sum())
+                assert exact[recent].all(), (t, i, j)
+        if t == start + 27:  # after key-group flushes: the last group's values are partly full precision
+            q = jax.random.normal(jax.random.PRNGKey(t), (b, 2 * h, 1, d))
+            qpos = jnp.full((b, 1), t, jnp.int32)
+            ref = jax.jit(lambda c: c.attend(q, qpos, impl="reference")[0])(cache)
+            ker = jax.jit(lambda c: c.attend(q, qpos, impl="pallas")[0])(cache)
+            np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), atol=2e-4)
+            kernel_checked += 1
+        if t < total:
+            cache = append(cache, k[:, :, t:t + 1], v[:, :, t:t + 1], jnp.full((b, 1), t, jnp.int32))
+    assert kernel_checked == 1

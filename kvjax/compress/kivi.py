@@ -2,18 +2,24 @@
 
 Keys are quantized per channel (one scale/zero per channel over a group of ``group`` tokens: key outliers live in
 fixed channels), values per token (one scale/zero per ``group`` channels of a token); asymmetric min/max, 2 or 4
-bits, codes packed into bytes. The most recent tokens stay in full precision in a residual window of ``residual``
-tokens: after prefill the last ``n % residual`` prompt tokens stay there (the paper's rule), decoded tokens are
-appended to it, and every time it is full its ``residual`` tokens are quantized at once (``residual / group`` key
-groups). Storage is :class:`kvjax.quant.cache.QuantizedKV`, the layout of
-``pallas_kernels.quantized_decode_attention`` (used as the fast path with ``Model(cfg, impl="pallas")``).
+bits, codes packed into bytes. The most recent tokens stay in full precision, as in the authors' code
+(``models/llama_kivi.py``): keys in a residual window of ``residual`` tokens — after prefill the last
+``n % residual`` prompt keys stay there (the paper's rule), decoded keys are appended and every time ``residual``
+keys have gathered they are quantized at once (``residual / group`` key groups); values keep exactly the last
+``residual`` tokens in full precision (prefill: all but the last ``residual`` quantized; decode: the window slides by
+one token per step, the value leaving it is quantized) — ``value_window="sliding"``, the default. Storage is
+:class:`kvjax.quant.cache.QuantizedKV` (the sliding values are a ring of ``residual`` full-precision values, so the
+state holds exactly the reference's full-precision values); ``Model(cfg, impl="pallas")`` runs
+``pallas_kernels.quantized_decode_attention`` on it (the last key group, whose values are partly still full
+precision, is passed to the kernel as extra full-precision slots, so the kernel computes the reference exactly).
 
 Defaults are the paper's: group 32, residual 128, 2 bits, fp16 scales/zeros.
 
-Deviation: the reference code keeps a value residual that slides one token at a time (it always holds the last
-``residual`` values) while keys flush every ``residual`` tokens; here keys and values share one residual window
-that flushes in groups (``0 <= r < residual`` recent tokens at full precision for both), which is the layout the
-quantized decode kernel reads. Acts on global layers only; sliding-window (ring) layers stay dense. After an
+Remaining deviations: codes are computed against the fp16-rounded scale/zero (the reference's kernel uses the f32
+scale and stores it in fp16); a quantized value's codes are written when its key group is flushed (the codes of the
+last ``R - r`` tokens exist but are not read until their values leave the window) — attention equals the
+reference's and the state holds the same arrays (codes for every slot are preallocated in both). ``value_window="grouped"`` is kvjax's earlier layout (values flushed with the keys, ``0 <= r < R``
+full-precision values), kept for comparison. Acts on global layers only; sliding-window (ring) layers stay dense. After an
 eviction method in a chain, the quantized cache keeps the capacity of the evicted layer (which already holds the
 decode room); on a freshly prefilled layer it adds ``decode_room`` slots.
 """
@@ -59,6 +65,7 @@ class KIVI(Method):
     group: int = 32
     residual: int = 128
     scale_dtype: str = "float16"
+    value_window: str = "sliding"
     name: ClassVar[str] = "kivi"
     kind: ClassVar[str] = "quantized"
 
@@ -71,11 +78,15 @@ class KIVI(Method):
         if self.residual < self.group or self.residual % self.group:
             raise ValueError(f"kivi residual ({self.residual}) must be a positive multiple of the group "
                              f"({self.group}): keys are quantized per channel in whole groups of tokens")
+        if self.value_window not in ("sliding", "grouped"):
+            raise ValueError(f"kivi value_window must be 'sliding' (the last residual values in full precision, the "
+                             f"reference) or 'grouped' (flushed with the keys), got {self.value_window!r}")
         self.spec()
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, v_bits=self.bits, k_group=self.group, v_group=self.group, k_axis="channel",
-                         residual=self.residual, scale_dtype=self.scale_dtype)
+                         residual=self.residual, scale_dtype=self.scale_dtype,
+                         v_slide=self.value_window == "sliding")
 
     def validate(self, ctx: Context) -> None:
         d = ctx.cfg.head_dim

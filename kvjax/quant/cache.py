@@ -14,6 +14,9 @@ Storage of one layer (``B`` batch, ``H`` KV heads, ``D``/``Dv`` key/value head d
 * the full-precision residual ``k_res``/``v_res`` ``(B, H, R, D|Dv)`` (KIVI's recent window): new tokens are written
   there; when it holds ``R`` tokens it is quantized as one group of ``R`` tokens (``R / Gk`` key groups) and written
   at the next free quantized slots. With ``R = 0`` (per-token keys only) tokens are quantized as they arrive.
+  With ``spec.v_slide`` (KIVI's sliding value window) ``v_res`` is a ring of the last ``R`` values: slot ``s < r``
+  holds residual token ``s``, slot ``s >= r`` the full-precision value of quantized slot ``q - R + s`` (the last
+  complete group), which attention reads instead of its codes — exactly ``R`` values in full precision.
 * ``pos`` ``(B, H, S + Cq + R)``: original position of every slot in that order (``-1`` = empty), ``fill``
   ``(B, H)``: slots used, ``S + q + r`` with ``q`` quantized tokens (a multiple of ``R``) and ``r < R`` residual
   tokens — both derived from ``fill`` (``q = (fill - S) // R * R``).
@@ -25,7 +28,8 @@ Storage of one layer (``B`` batch, ``H`` KV heads, ``D``/``Dv`` key/value head d
 ``attend`` here is the *reference* path: it dequantizes the cache (all slots, in f32) and runs
 :func:`kvjax.attention.reference_attention`. With ``impl="pallas"`` a decode step (no observations, ``T <= 16``)
 over a KIVI-layout cache (per-channel keys, a residual, no keep block) runs
-``pallas_kernels.quantized_decode_attention`` instead, which dequantizes block by block in on-chip memory (the fast
+``pallas_kernels.quantized_decode_attention`` instead (with a sliding value window the last complete key group is
+passed to it as extra full-precision slots, see :meth:`QuantizedKV._kernel_inputs`), which dequantizes block by block in on-chip memory (the fast
 path). :func:`kvjax.nbytes` counts exactly the stored arrays: packed codes, scales/zeros, residual, positions.
 """
 from __future__ import annotations
@@ -68,12 +72,16 @@ def pad_slots(x: Array, n: int, value=0, axis: int = 2) -> Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def stream_append(res_k: Array, res_v: Array, res_pos: Array, r: Array, k: Array, v: Array, pos_h: Array):
+def stream_append(res_k: Array, res_v: Array, res_pos: Array, r: Array, k: Array, v: Array, pos_h: Array,
+                  slide_v: bool = False):
     """Writes ``n`` new tokens after the ``r`` ``(B, H)`` tokens of a residual window of ``R`` slots.
 
     Returns ``(blk_k, blk_v, blk_pos, m, new_k, new_v, new_pos)``: the first ``M * R`` tokens of the buffer
     (residual + new; ``M = (R - 1 + n) // R`` static), of which the first ``m`` ``(B, H)`` groups of ``R`` tokens are
     complete and must be flushed, and the residual that remains (``r + n - m * R`` tokens).
+
+    ``slide_v``: ``res_v`` is a ring of the last ``R`` values (see :class:`QuantizedKV`): ring slot ``s`` holds the
+    value of the token whose stream index is ``s`` modulo ``R`` among the last ``R``; ``new_v`` is the updated ring.
     """
     b, h, rr, _ = res_k.shape
     n = k.shape[2]
@@ -89,6 +97,11 @@ def stream_append(res_k: Array, res_v: Array, res_pos: Array, r: Array, k: Array
     new_k = jnp.where(ok[..., None], gather_slots(buf_k, ridx), 0).astype(res_k.dtype)
     new_v = jnp.where(ok[..., None], gather_slots(buf_v, ridx), 0).astype(res_v.dtype)
     new_p = jnp.where(ok, gather_slots(buf_p, ridx), -1)
+    if slide_v:  # the last R values: slot s < r' from the new residual, s >= r' from the last complete group
+        s = jnp.arange(rr, dtype=jnp.int32)
+        new_r = (total - m * rr)[..., None]
+        vidx = jnp.where(s < new_r, m[..., None] * rr + s, jnp.where(m[..., None] > 0, (m[..., None] - 1) * rr + s, s))
+        new_v = gather_slots(buf_v, vidx).astype(res_v.dtype)
     n_blk = big_m * rr
     return buf_k[:, :, :n_blk], buf_v[:, :, :n_blk], buf_p[:, :, :n_blk], m, new_k, new_v, new_p
 
@@ -114,6 +127,7 @@ class QuantSpec:
     v_rotate: bool = False
     rot_block: int = 0  # Hadamard block size (0 = largest power of two dividing head_dim)
     scale_dtype: str = "float16"
+    v_slide: bool = False  # values: the last R tokens in full precision (KIVI's sliding value window)
 
     def resolve(self, head_dim: int, v_head_dim: int) -> "QuantSpec":
         """Validates against the head dims and fills in defaults (``0`` groups → whole head)."""
@@ -140,6 +154,8 @@ class QuantSpec:
             if self.residual < kg or self.residual % kg:
                 raise ValueError(f"per-channel keys are quantized in whole groups of {kg} tokens: the residual "
                                  f"window ({self.residual}) must be a positive multiple of the group")
+        if self.v_slide and self.residual <= 0:
+            raise ValueError("a sliding value window (v_slide) needs a residual window R > 0")
         rb = qz.hadamard_block(head_dim, self.rot_block) if (self.k_rotate or self.v_rotate) else self.rot_block
         if self.v_rotate:
             qz.hadamard_block(v_head_dim, rb)
@@ -324,12 +340,55 @@ class QuantizedKV:
         """Positions of the residual slots ``(B, H, R)``."""
         return self.pos[..., self.n_keep + self.q_capacity:]
 
+    def slide_slots(self) -> tuple[Array, Array]:
+        """With a sliding value window (``spec.v_slide``): for every quantized slot ``(B, H, Cq)`` the ring slot of
+        ``v_res`` holding its full-precision value and whether it does (the last ``R - r`` quantized tokens)."""
+        q, r = self._counts()
+        rr = self.residual
+        j = jnp.arange(self.q_capacity, dtype=jnp.int32)
+        s = j - q[..., None] + rr
+        return s, (s >= r[..., None]) & (s < rr) & (j < q[..., None])
+
     def dequant_quantized(self) -> tuple[Array, Array]:
-        """The quantized slots dequantized, stored space, f32 ``(B, H, Cq, D)``."""
+        """The quantized slots dequantized, stored space, f32 ``(B, H, Cq, D)`` (with a sliding value window the
+        values of the last ``R - r`` quantized tokens are the full-precision ones)."""
         sp = self.spec
         k = qz.dequantize(self.k_codes, self.k_scale, self.k_zero, bits=sp.bits, group=sp.k_group, axis=sp.k_axis)
         v = qz.dequantize(self.v_codes, self.v_scale, self.v_zero, bits=sp.v_bits, group=sp.v_group, axis="token")
+        if sp.v_slide:
+            s, fp = self.slide_slots()
+            v = jnp.where(fp[..., None], gather_slots(self.v_res.astype(jnp.float32), s), v)
         return k, v
+
+    def residual_values(self) -> Array:
+        """Values of the residual slots ``(B, H, R, Dv)`` (ring slots past ``r`` zeroed with a sliding window)."""
+        if not self.spec.v_slide:
+            return self.v_res
+        _, r = self._counts()
+        return jnp.where((jnp.arange(self.residual) < r[..., None])[..., None], self.v_res, 0).astype(self.v_res.dtype)
+
+    def _kernel_inputs(self):
+        """Arguments of the quantized decode kernel. With a sliding value window the last complete key group
+        (whose values are partly full precision) is passed as extra full-precision slots: its keys dequantized,
+        its values from the ring, and its quantized slots masked — the kernel then computes exactly the reference."""
+        qpos, k_res, v_res, res_pos = self.quant_pos(), self.k_res, self.v_res, self.res_pos()
+        if not self.spec.v_slide:
+            return qpos, k_res, v_res, res_pos
+        sp, rr = self.spec, self.residual
+        q, r = self._counts()
+        s = jnp.arange(rr, dtype=jnp.int32)
+        slots = jnp.maximum(q[..., None] - rr, 0) + s  # the last complete group (q is a multiple of R)
+        have = (q >= rr)[..., None]
+        rows = slots[..., ::sp.k_group] // sp.k_group
+        kg = qz.dequantize(gather_slots(self.k_codes, slots), gather_slots(self.k_scale, rows),
+                           gather_slots(self.k_zero, rows), bits=sp.bits, group=sp.k_group, axis=sp.k_axis)
+        gpos = jnp.where(have & (s >= r[..., None]), gather_slots(qpos, slots), -1)
+        _, fp = self.slide_slots()
+        qpos = jnp.where(fp, -1, qpos)
+        # ring slots >= r hold the group's values; slots < r (the residual's) are masked out of the second half
+        return (qpos, jnp.concatenate([k_res, kg.astype(k_res.dtype)], axis=2),
+                jnp.concatenate([self.residual_values(), v_res], axis=2),
+                jnp.concatenate([jnp.where(s < r[..., None], res_pos, -1), gpos], axis=-1))
 
     def stored_kv(self) -> tuple[Array, Array]:
         """All slots ``[keep | quantized | residual]`` dequantized in the stored space, f32."""
@@ -340,7 +399,7 @@ class QuantizedKV:
             vs.append(kv)
         kq, vq = self.dequant_quantized()
         ks += [kq, self.k_res.astype(jnp.float32)]
-        vs += [vq, self.v_res.astype(jnp.float32)]
+        vs += [vq, self.residual_values().astype(jnp.float32)]
         return jnp.concatenate(ks, axis=2), jnp.concatenate(vs, axis=2)
 
     def dense(self) -> tuple[Array, Array]:
@@ -369,10 +428,11 @@ class QuantizedKV:
         if impl == "pallas" and self._kernel_ok(t, observe):
             from pallas_kernels.quantized_decode_attention import quantized_decode_attention  # noqa: PLC0415
 
+            qpos, k_res, v_res, res_pos = self._kernel_inputs()
             out = quantized_decode_attention(
                 qt.astype(self.dtype), self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale,
-                self.v_zero, self.quant_pos(), q_pos, bits=self.spec.bits, v_bits=self.spec.v_bits,
-                k_res=self.k_res, v_res=self.v_res, res_pos=self.res_pos(), sm_scale=scale, window=self.window,
+                self.v_zero, qpos, q_pos, bits=self.spec.bits, v_bits=self.spec.v_bits,
+                k_res=k_res, v_res=v_res, res_pos=res_pos, sm_scale=scale, window=self.window,
                 logit_softcap=softcap)
             obs = {}
         else:
@@ -434,7 +494,7 @@ class QuantizedKV:
             return self.replace(k_codes=kc, k_scale=ks, k_zero=kz, v_codes=vc, v_scale=vs, v_zero=vz, pos=p,
                                 fill=self.fill + n)
         blk_k, blk_v, blk_p, m, new_k, new_v, new_p = stream_append(self.k_res, self.v_res, self.res_pos(), r, kt, vt,
-                                                                    pos_h)
+                                                                    pos_h, slide_v=self.spec.v_slide)
         if blk_k.shape[2]:
             j = jnp.arange(blk_k.shape[2], dtype=jnp.int32)
             slots = jnp.broadcast_to(q[..., None] + j, blk_p.shape)
@@ -532,6 +592,11 @@ def quantize_dense_layer(layer, spec: QuantSpec, *, room: int = 0, stream_idx: A
     src_r = gather_slots(stream_idx, ridx) if rr else jnp.zeros((b, h, 0), jnp.int32)
     k_res = jnp.where(rok[..., None], gather_slots(kt, src_r), 0).astype(dtype)
     v_res = jnp.where(rok[..., None], gather_slots(vt, src_r), 0).astype(layer.v.dtype)
+    if sp.v_slide and rr:  # ring of the last R values: slot s >= r holds the value of quantized token q0 - R + s
+        s = jnp.arange(rr, dtype=jnp.int32)
+        vidx = jnp.where(s < (stream_n - q0)[..., None], ridx, q0[..., None] - rr + s)
+        vok = (vidx >= 0) & (vidx < stream_n[..., None])
+        v_res = jnp.where(vok[..., None], gather_slots(vt, gather_slots(stream_idx, vidx)), 0).astype(layer.v.dtype)
     rpos = jnp.where(rok, gather_slots(layer.pos, src_r), -1)
     keep, pos_parts, src_parts, ok_parts, n_keep = None, [], [], [], 0
     if keep_idx is not None:
