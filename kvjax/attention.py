@@ -12,6 +12,10 @@ Observations (``Observe``) are returned per layer as a dict:
 * ``"window_q"`` ``(B, Hq, W, D)``: those queries themselves, post-RoPE (ThinK scores key channels with them);
 * ``"qkv"`` ``(B, T, (Hq + 2 Hkv) D)``: the call's queries, keys and values before RoPE, concatenated per token
   (``Observe(inputs=True)``; the input of Locret's retaining heads). Added by the model's attention block.
+* ``"q_absmax"`` ``(B, Hq, D)``: per channel, the largest ``|q|`` over the call's valid (post-RoPE) queries (MiKV);
+* ``"massive_pos"`` ``(B, n)``: original positions of the tokens holding the ``n`` largest ``|h|`` entries of the
+  layer's input hidden state (RotateKV's massive-activation sinks; repeats when one token holds several entries).
+  These two are computed by the model (``kvjax.models.llama``), not by the attention.
 
 ``S`` is the key axis the call attended over: the cache slots (after the new tokens were written).
 """
@@ -33,9 +37,11 @@ class Observe:
     window: int = 0  # last-W-query probabilities and queries; 0 = none
     colsum: bool = False  # accumulated attention per key slot
     inputs: bool = False  # the layer's attention inputs: pre-RoPE q, k, v of the call's tokens (Locret's heads)
+    qmax: bool = False  # per-channel max |q| over all the call's queries (MiKV's balancer)
+    massive: int = 0  # tokens holding the top-n |hidden state| entries at the layer input (RotateKV's sinks)
 
     def __bool__(self) -> bool:
-        return bool(self.window or self.colsum or self.inputs)
+        return bool(self.window or self.colsum or self.inputs or self.qmax or self.massive)
 
 
 def visibility(q_pos: jax.Array, k_pos: jax.Array, window: int = 0) -> jax.Array:
@@ -167,5 +173,9 @@ def restrict_observations(obs: tuple[dict, ...], observe: Observe) -> tuple[dict
             # (A prompt shorter than the window gives fewer rows; slicing then keeps them all.)
             r["window"] = o["window"][:, :, -observe.window:]
             r["window_q"] = o["window_q"][:, :, -observe.window:]
+        if observe.qmax and "q_absmax" in o:
+            r["q_absmax"] = o["q_absmax"]
+        if observe.massive and "massive_pos" in o:
+            r["massive_pos"] = o["massive_pos"][:, :observe.massive]  # sorted by magnitude: a prefix is the top-n
         out.append(r)
     return tuple(out)

@@ -41,7 +41,7 @@ METHODS = {
     "full-bf16": None,
     "kivi2": ("kivi", dict(bits=2, group=8, residual=16)),
     "gear": ("gear", dict(buffer=8)),
-    "mikv-int8-hi": ("mikv", dict(residual=8, hi_bits=8)),
+    "mikv-int8-hi": ("mikv", dict(group=8, hi_bits=8)),
     "rotatekv": ("rotatekv", {}),
 }
 

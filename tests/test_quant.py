@@ -292,7 +292,7 @@ def test_methods_run_in_generate_and_track_full_precision(tiny):
     assert layer.q_capacity == ((T + 6) // 16) * 16 and layer.capacity >= T + 6
     sizes = {}
     # (2-bit KIVI runs end to end in the chain test; int4/int8 share QuantizedKV's per-token path with these)
-    for name, kw in [("mikv", dict(residual=8)), ("rotatekv", {}), ("gear", dict(buffer=7))]:  # gear flushes once
+    for name, kw in [("mikv", dict(group=8)), ("rotatekv", {}), ("gear", dict(buffer=7))]:  # gear flushes once
         out = generate(model, params, prompt, max_new_tokens=6, method=get_method(name, **kw))
         assert out.tokens.shape == (2, 6) and np.all(np.asarray(out.lengths) == 6)
         for layer in out.state.layers:  # prompt + generated tokens all still in the cache, at their positions
@@ -417,3 +417,92 @@ def test_kivi_values_keep_exactly_the_last_R_in_full_precision_after_every_step(
         if t < total:
             cache = append(cache, k[:, :, t:t + 1], v[:, :, t:t + 1], jnp.full((b, 1), t, jnp.int32))
     assert kernel_checked == 1
+
+
+# ------------------------------------------------------------------------------------------------- MiKV re-scoring
+
+
+def _h2o_reference(score0, pos0, n_hi, n_rec, step_cols, next_pos0):
+    """numpy H2O over one head: the high-precision set after prefill and after every decode step (new token enters;
+    every hi token gains that step's attention; the lowest-scoring token outside the last ``n_rec`` is demoted)."""
+    order = sorted(range(len(pos0)), key=lambda i: (-(1e9 if pos0[i] >= next_pos0 - n_rec else score0[i]), i))
+    hi = {int(pos0[i]): float(score0[i]) for i in order[:n_hi]}
+    sets = [set(hi)]
+    for t, col in enumerate(step_cols):
+        newest = next_pos0 + t
+        hi[newest] = 0.0
+        for p in hi:
+            hi[p] += col[p]
+        cand = [p for p in hi if p <= newest - n_rec]
+        if len(hi) > n_hi:
+            victim = min(cand, key=lambda p: (hi[p], p))
+            del hi[victim]
+        sets.append(set(hi))
+    return sets
+
+
+def test_mikv_rescored_token_moves_between_precisions_like_h2o():
+    """MiKV follows H2O every step: generated tokens enter high precision (recent window), the hi set after every
+    step equals a numpy H2O simulation of the same scores, a token whose accumulated attention is raised above the
+    weakest heavy hitter's during decoding is kept in (moves into) the heavy, high-precision set when it leaves the
+    recent window, demoted tokens land in the 2-bit stream at their positions, and hi tokens are exact."""
+    from kvjax.compress.mikv import MixedPrecisionKV
+    from kvjax.config import ModelConfig
+    from kvjax.state import KVState
+
+    b, hq, h, d, t, steps, n_hi, n_rec = 1, 2, 1, 8, 10, 6, 4, 2
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=16, hidden_size=16, intermediate_size=16,
+                      num_layers=1, num_heads=hq, num_kv_heads=h, head_dim=d, max_position_embeddings=64)
+    rng = np.random.default_rng(3)
+    kk = jnp.asarray(rng.normal(size=(b, h, t + steps, d)), jnp.float32)
+    vv = jnp.asarray(rng.normal(size=(b, h, t + steps, d)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(t + steps, dtype=jnp.int32), (b, h, t + steps))
+    dense = DenseKV(k=kk, v=vv, pos=jnp.where(pos < t, pos, -1), fill=jnp.full((b, h), t, jnp.int32))
+    colsum = np.zeros((b, hq, t + steps), np.float32)
+    colsum[0, 0, :t] = [5, 1, 4, 2, 3, 0.5, 0.2, 0.1, 0.3, 0.4]  # heavy hitters 0 and 2; 8, 9 recent
+    m = get_method("mikv", hi_budget=n_hi, recent_ratio=n_rec / n_hi, group=8, balance=False)
+    ctx = Context(cfg=cfg, decode_room=steps, prompt_len=t)
+    state = KVState(layers=(DenseKV(k=kk[:, :, :t], v=vv[:, :, :t], pos=dense.pos[:, :, :t], fill=dense.fill),),
+                    next_pos=jnp.full((b,), t, jnp.int32), rope_shift=jnp.zeros((b,), jnp.int32))
+    state, _ = m.prefill(state, ({"colsum": jnp.asarray(colsum[..., :t])},), ctx)
+    layer = state.layers[0]
+    assert isinstance(layer, MixedPrecisionKV) and layer.n_keep == n_hi + 1
+    # decode attention: token 8 (recent at prefill end) gets a lot of attention, so it beats heavy hitter 2 (score 4)
+    cols = [np.zeros(t + steps, np.float32) for _ in range(steps)]
+    cols[0][8], cols[1][8] = 5.0, 2.0
+    for i in range(steps):
+        cols[i][t + i] = 0.25 * i  # the new tokens get something too
+    want = _h2o_reference(colsum[0, 0, :t], np.arange(t), n_hi, n_rec, cols, t)
+    step = jax.jit(lambda st, kn, vn, p, c: m.decode(st.replace(layers=(st.layers[0].append(kn, vn, p),),
+                                                                next_pos=st.next_pos + 1), c, ctx))
+
+    def hi_set(layer):
+        p = np.asarray(layer.hi_pos())[0, 0]
+        return set(p[p >= 0].tolist())
+
+    def check(layer, i):
+        assert hi_set(layer) == want[i], (i, hi_set(layer), want[i])
+        kd, vd = layer.dense()
+        p = np.asarray(layer.pos)[0, 0]
+        ok = p >= 0
+        assert sorted(p[ok].tolist()) == list(range(t + i))  # no token left behind
+        for s in np.nonzero(ok)[0]:
+            exact = np.allclose(np.asarray(vd[0, 0, s]), np.asarray(vv[0, 0, p[s]]), atol=1e-6)
+            assert exact == (p[s] in want[i]), (i, p[s])  # hi tokens exact, demoted ones 2-bit
+
+    check(layer, 0)
+    assert 8 in want[0] and 2 in want[0]
+    for i in range(steps):
+        sp = layer.pos.shape[-1]
+        o = jnp.zeros((b, hq, sp), jnp.float32).at[0, 0].set(jnp.asarray(cols[i])[jnp.maximum(layer.pos[0, 0], 0)]
+                                                              * (layer.pos[0, 0] >= 0))
+        state = step(state, kk[:, :, t + i:t + i + 1], vv[:, :, t + i:t + i + 1], jnp.full((b, 1), t + i), (
+            {"colsum": o},))
+        layer = state.layers[0]
+        check(layer, i + 1)
+    # token 8 left the recent window at step 2 and stayed high precision as a heavy hitter; token 2 was demoted
+    assert 8 in want[steps] and 2 not in want[steps] and 8 not in range(t + steps - n_rec, t + steps)
+    # without the extra attention token 8 would have been demoted instead
+    cols2 = [c.copy() for c in cols]
+    cols2[0][8] = cols2[1][8] = 0.0
+    assert 8 not in _h2o_reference(colsum[0, 0, :t], np.arange(t), n_hi, n_rec, cols2, t)[steps]

@@ -45,7 +45,8 @@ class Context:
 
 def merge_observe(*obs: Observe) -> Observe:
     return Observe(window=max([o.window for o in obs] or [0]), colsum=any(o.colsum for o in obs),
-                   inputs=any(o.inputs for o in obs))
+                   inputs=any(o.inputs for o in obs), qmax=any(o.qmax for o in obs),
+                   massive=max([o.massive for o in obs] or [0]))
 
 
 class Method:

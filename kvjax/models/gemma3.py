@@ -36,7 +36,8 @@ import jax.numpy as jnp
 
 from kvjax.attention import Observe
 from kvjax.config import ModelConfig
-from kvjax.models.llama import attention_block, lm_logits, rms_norm, rope_frequencies, token_positions
+from kvjax.models.llama import attention_block, lm_logits, massive_positions, rms_norm, rope_frequencies, \
+    token_positions
 from kvjax.rope import inv_frequencies
 from kvjax.state import KVState
 
@@ -77,6 +78,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, t
         a, layer, obs = attention_block(cfg, p, h, state.layers[i], pos, rope_pos,
                                         inv_local if is_local(cfg, i) else inv_global, observe=observe, impl=impl,
                                         qk_norm=qk_norm(p), sm_scale=sm_scale)
+        if observe.massive:
+            obs = {**obs, "massive_pos": massive_positions(x, pos, observe.massive)}
         x = x + rms_norm(a, p["post_attn_norm"], eps)
         h = rms_norm(x, p["mlp_norm"], eps)
         m = (_gelu(h @ p["gate"], cfg.hidden_act) * (h @ p["up"])) @ p["down"]

@@ -73,6 +73,9 @@ def attention_block(cfg: ModelConfig, p: dict, h: jax.Array, layer, pos: jax.Arr
         out, obs = attend(q, layer, pos, sm_scale=sm_scale, softcap=softcap, observe=observe, impl=impl)
         if qkv is not None:
             obs = {**obs, "qkv": qkv}
+        if observe.qmax:
+            ok = (pos >= 0)[:, None, :, None]
+            obs = {**obs, "q_absmax": jnp.max(jnp.where(ok, jnp.abs(q.astype(jnp.float32)), 0.0), axis=2)}
     out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.num_heads * cfg.head_dim)
     return out @ p["o"], layer, obs
 
@@ -94,6 +97,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, t
     def layer_fn(x, p, layer):
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         a, layer, obs = attention_block(cfg, p, h, layer, pos, rope_pos, inv_freq, observe=observe, impl=impl)
+        if observe.massive:
+            obs = {**obs, "massive_pos": massive_positions(x, pos, observe.massive)}
         x = x + a
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         x = x + (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
@@ -103,6 +108,16 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, t
     new_state = state.replace(layers=layers,
                               next_pos=state.next_pos + jnp.sum(token_mask, axis=1, dtype=jnp.int32))
     return lm_logits(cfg, params, x, token_mask, logits), new_state, all_obs
+
+
+def massive_positions(x: jax.Array, pos: jax.Array, n: int) -> jax.Array:
+    """Original positions ``(B, n)`` of the tokens holding the ``n`` largest ``|x|`` entries of hidden states ``x``
+    ``(B, T, hidden)`` (padding excluded), largest first: the massive activations RotateKV keeps as attention sinks
+    (the authors' ``topk(|hidden_states|.flatten(), 20) // hidden``, per layer input)."""
+    b, t, hd = x.shape
+    mag = jnp.where((pos >= 0)[..., None], jnp.abs(x.astype(jnp.float32)), -1.0).reshape(b, t * hd)
+    _, idx = jax.lax.top_k(mag, min(n, t * hd))
+    return jnp.take_along_axis(pos, idx // hd, axis=1)
 
 
 def run_layers(layer_fn, x, param_layers, cache_layers):
