@@ -122,14 +122,13 @@ def test_gear_error_strictly_below_plain_quantization(prompt_state, bits):
     assert kvjax.nbytes(g) == 2 * part + scales + 2 * h * el * d * 4 + h * (c + el) * 4 + h * 4
 
 
-def test_rotatekv_and_mikv_balancer_beat_plain_per_token_2bit_on_outlier_keys(prompt_state):
+def test_hadamard_and_mikv_balancer_beat_plain_per_token_2bit_on_outlier_keys(prompt_state):
     layer = _with_outlier_channels(prompt_state.layers[0])
     plain = QuantSpec(bits=2, v_bits=2, k_group=0, v_group=0, k_axis="token", residual=0)
     p, _, _ = _quantize(layer, plain)
-    from kvjax.compress.rotatekv import outlier_aware_order
-
-    rot = get_method("rotatekv").spec()
-    r, _, _ = _quantize(layer, rot, k_perm=outlier_aware_order(layer.k, layer.valid, 16))
+    rot = QuantSpec(bits=2, v_bits=2, k_group=0, v_group=0, k_axis="token", residual=0, k_rotate=True,
+                    v_rotate=True)  # per-head Hadamard (RotateKV's own grouped pre-RoPE layer: test below)
+    r, _, _ = _quantize(layer, rot)
     from kvjax.compress.mikv import channel_balancer
 
     window_q = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 8, 16))  # queries without outlier channels
@@ -506,3 +505,97 @@ def test_mikv_rescored_token_moves_between_precisions_like_h2o():
     cols2 = [c.copy() for c in cols]
     cols2[0][8] = cols2[1][8] = 0.0
     assert 8 not in _h2o_reference(colsum[0, 0, :t], np.arange(t), n_hi, n_rec, cols2, t)[steps]
+
+
+# ------------------------------------------------------------------------------------------------- RotateKV pre-RoPE
+
+
+def test_rotatekv_pre_rope_grouped_attention_within_computed_2bit_bound(tmp_path):
+    """RotateKV stores quantized, grouped-head-rotated, channel-permuted *pre-RoPE* keys and applies RoPE after
+    dequantization: (a) equal pre-RoPE keys at different positions get identical codes (storage is pre-RoPE); (b) the
+    massive-activation tokens are exact; (c) every dequantized key/value is within the 2-bit rounding bound computed
+    here from the stored-space groups (rotation, permutation and RoPE are orthogonal, so they carry the error norm
+    over unchanged); (d) attention equals the float reference within the bound that this key/value error implies
+    (logit error eps = scale * |q| * |dk|: softmax moves by at most e^(2 eps) - 1 in L1); for prefill and a decoded
+    token."""
+    from kvjax.compress.rotatekv import PreRopeQuantKV, grouped_forward, rotation_matrix_for, save_calibration
+    from kvjax.config import ModelConfig
+    from kvjax.rope import apply_rope, inv_frequencies
+    from kvjax.state import KVState
+
+    b, hq, h, d, t = 1, 4, 2, 16, 24
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=16, hidden_size=32, intermediate_size=16,
+                      num_layers=1, num_heads=hq, num_kv_heads=h, head_dim=d, max_position_embeddings=64)
+    rng = np.random.default_rng(5)
+    pre = rng.normal(size=(b, h, t + 1, d)).astype(np.float32)
+    pre[..., 3] *= 12.0  # an outlier channel
+    pre[:, :, 17] = pre[:, :, 9]  # same pre-RoPE key at positions 9 and 17
+    pre[:, :, t] = pre[:, :, 9]  # ... and the decoded token
+    inv = jnp.asarray(inv_frequencies(d, cfg.rope_theta))
+    pos = jnp.arange(t + 1, dtype=jnp.int32)[None]
+    post = apply_rope(jnp.asarray(pre).transpose(0, 2, 1, 3), pos, inv).transpose(0, 2, 1, 3)
+    v = jnp.asarray(rng.normal(size=(b, h, t + 1, d)), jnp.float32)
+    perm = rng.permutation(h * d)
+    path = tmp_path / "calib.npz"
+    save_calibration(path, perm[None], head_group=4, model="synthetic")
+    m = get_method("rotatekv", calibration=str(path), n_pivot=3)
+    ctx = Context(cfg=cfg, decode_room=2, prompt_len=t)
+    m.validate(ctx)
+    layer0 = DenseKV(k=post[:, :, :t], v=v[:, :, :t], pos=jnp.broadcast_to(pos[:, None, :t], (b, h, t)),
+                     fill=jnp.full((b, h), t, jnp.int32))
+    state = KVState(layers=(layer0,), next_pos=jnp.full((b,), t, jnp.int32), rope_shift=jnp.zeros((b,), jnp.int32))
+    massive = jnp.asarray([[5, 0, 5]], jnp.int32)  # repeats: 2 distinct sink tokens
+    state, _ = m.prefill(state, ({"massive_pos": massive},), ctx)
+    cache = state.layers[0]
+    assert isinstance(cache, PreRopeQuantKV) and cache.group == h and cache.n_keep == 3
+    rot = jnp.asarray(rotation_matrix_for(h, d))
+    stored = np.asarray(grouped_forward(jnp.asarray(pre), rot, jnp.asarray(perm), h))  # (B, H, T+1, D)
+
+    def bounds(x):  # per token and head: |error| norm bound of per-token 2-bit groups of D channels (+ fp16 slack)
+        mn, mx = x.min(-1), x.max(-1)
+        e = (mx - mn) / 3 / 2 + 4e-3 * np.maximum(np.abs(mn), np.abs(mx))
+        return np.sqrt(d) * e
+
+    def check(cache, n):
+        kd, vd = (np.asarray(a) for a in jax.jit(lambda c: c.dense())(cache))
+        p = np.asarray(cache.pos)[0, 0]
+        slots = np.nonzero(p >= 0)[0]
+        assert sorted(p[slots].tolist()) == list(range(n))
+        kb = np.sqrt((bounds(stored) ** 2).sum(1))  # whole rotation group's error norm (B, T+1)
+        vrot = np.asarray(v) @ np.asarray(qz.hadamard_matrix(d))
+        vb = bounds(vrot)
+        dk = np.zeros(n)
+        for s in slots:
+            pp = p[s]
+            ek = np.sqrt(((kd[0, :, s] - np.asarray(post)[0, :, pp]) ** 2).sum())
+            ev = np.sqrt(((vd[0, :, s] - np.asarray(v)[0, :, pp]) ** 2).sum(-1))
+            if pp in (0, 5):
+                assert ek < 1e-4 and ev.max() < 1e-5, (pp, ek)
+            else:
+                assert 1e-3 < ek <= kb[0, pp], (pp, ek, kb[0, pp])
+                assert np.all(ev <= vb[0, :, pp] + 1e-6), (pp, ev)
+            dk[pp] = ek
+        # attention vs the float reference
+        q = jax.random.normal(jax.random.PRNGKey(n), (b, hq, 1, d))
+        qpos = jnp.full((b, 1), n - 1, jnp.int32)
+        got = np.asarray(jax.jit(lambda c: c.attend(q, qpos)[0])(cache))
+        want, _ = reference_attention(q, post[:, :, :n], v[:, :, :n], qpos,
+                                      jnp.broadcast_to(pos[:, None, :n], (b, h, n)))
+        want = np.asarray(want)
+        for i in range(hq):
+            eps = d ** -0.5 * float(np.linalg.norm(np.asarray(q)[0, i, 0])) * dk.max()
+            vmax = np.linalg.norm(np.asarray(v)[0, i // (hq // h), :n], axis=-1).max() + vb.max()
+            bound = (math.exp(2 * eps) - 1) * vmax + vb.max()
+            err = np.linalg.norm(got[0, i, 0] - want[0, i, 0])
+            assert 0 < err <= bound, (i, err, bound)
+        return cache
+
+    cache = check(cache, t)
+    slot = {int(x): j for j, x in enumerate(np.asarray(cache.pos)[0, 0]) if x >= 0}
+    codes = np.asarray(cache.k_codes)[0, :, :]
+    off = cache.n_keep
+    np.testing.assert_array_equal(codes[:, slot[9] - off], codes[:, slot[17] - off])  # pre-RoPE storage
+    cache = jax.jit(lambda c: c.append(post[:, :, t:t + 1], v[:, :, t:t + 1], pos[:, t:t + 1]))(cache)
+    cache = check(cache, t + 1)
+    slot = {int(x): j for j, x in enumerate(np.asarray(cache.pos)[0, 0]) if x >= 0}
+    np.testing.assert_array_equal(np.asarray(cache.k_codes)[0, :, slot[t] - off], codes[:, slot[9] - off])

@@ -402,11 +402,26 @@ class QuantizedKV:
         vs += [vq, self.residual_values().astype(jnp.float32)]
         return jnp.concatenate(ks, axis=2), jnp.concatenate(vs, axis=2)
 
+    # ---- key transforms (a subclass storing keys differently, e.g. pre-RoPE, overrides these three)
+    def key_to_stored(self, k: Array, pos: Array) -> Array:
+        """New post-RoPE keys ``(B, H, n, D)`` at positions ``pos`` ``(B, n)`` → the stored space (f32)."""
+        return key_forward(k, self.spec, self.k_balance, self.k_perm)
+
+    def key_from_stored(self, k: Array) -> Array:
+        """Stored-space keys of all slots ``(B, H, S, D)`` → post-RoPE keys (f32)."""
+        return key_inverse(k, self.spec, self.k_balance, self.k_perm)
+
+    def attention_operands(self, q: Array) -> tuple[Array, Array, Array]:
+        """``(queries, keys, values)`` the reference path attends with: queries moved into the stored key space
+        (``q·k`` is unchanged by the key transforms), keys and values dequantized in the stored space."""
+        k, v = self.stored_kv()
+        return query_forward(q, self.spec, self.k_balance, self.k_perm, self.pos.shape[1]), k, v
+
     def dense(self) -> tuple[Array, Array]:
         """Dequantized keys and values ``(B, H, S + Cq + R, D)`` in slot order (aligned with ``pos``), transforms
         undone, in the cache dtype."""
         k, v = self.stored_kv()
-        k = key_inverse(k, self.spec, self.k_balance, self.k_perm)
+        k = self.key_from_stored(k)
         v = value_inverse(v, self.spec)
         return k.astype(self.dtype), v.astype(self.dtype)
 
@@ -424,8 +439,8 @@ class QuantizedKV:
             raise ValueError(f"unknown attention impl {impl!r}; choose 'reference' or 'pallas'")
         b, hq, t, d = q.shape
         scale = d ** -0.5 if sm_scale is None else sm_scale
-        qt = query_forward(q, self.spec, self.k_balance, self.k_perm, self.pos.shape[1])
         if impl == "pallas" and self._kernel_ok(t, observe):
+            qt = query_forward(q, self.spec, self.k_balance, self.k_perm, self.pos.shape[1])
             from pallas_kernels.quantized_decode_attention import quantized_decode_attention  # noqa: PLC0415
 
             qpos, k_res, v_res, res_pos = self._kernel_inputs()
@@ -436,7 +451,7 @@ class QuantizedKV:
                 logit_softcap=softcap)
             obs = {}
         else:
-            k, v = self.stored_kv()
+            qt, k, v = self.attention_operands(q)
             out, obs = reference_attention(qt.astype(jnp.float32), k, v, q_pos, self.pos, sm_scale=scale,
                                            window=self.window, softcap=softcap, observe=observe)
             if "window_q" in obs:
@@ -481,7 +496,7 @@ class QuantizedKV:
         quantized slots (with ``R = 0`` tokens are quantized immediately). Tokens past the capacity are dropped.
         """
         n = k.shape[2]
-        kt = key_forward(k, self.spec, self.k_balance, self.k_perm).astype(self.dtype)
+        kt = self.key_to_stored(k, pos).astype(self.dtype)
         vt = value_forward(v, self.spec).astype(self.v_res.dtype)
         pos_h = jnp.broadcast_to(pos[:, None, :], kt.shape[:3]).astype(jnp.int32)
         q, r = self._counts()
@@ -539,13 +554,16 @@ def init_quantized_layer(batch: int, num_kv_heads: int, capacity: int, head_dim:
 def quantize_dense_layer(layer, spec: QuantSpec, *, room: int = 0, stream_idx: Array | None = None,
                          stream_n: Array | None = None, keep_idx: Array | None = None, keep_ok: Array | None = None,
                          keep_bits: int = 16, keep_group: int = 0, k_perm: Array | None = None,
-                         k_balance: Array | None = None) -> tuple[QuantizedKV, Array, Array]:
+                         k_balance: Array | None = None, k_stored: Array | None = None
+                         ) -> tuple[QuantizedKV, Array, Array]:
     """Converts a :class:`kvjax.state.DenseKV` into a :class:`QuantizedKV` (jit-safe).
 
     The *stream* — by default slots ``[0, fill)`` of every head, or the slots ``stream_idx`` ``(B, H, N)`` of which
     the first ``stream_n`` ``(B, H)`` count — goes into the quantized part except its last ``n % R`` tokens, which
     stay in the full-precision residual (KIVI). ``keep_idx``/``keep_ok`` ``(B, H, S)`` select tokens for the
     :class:`KeepBlock` (``keep_bits`` 16 = full precision). The quantized part gets ``room`` more slots for decoding.
+    ``k_stored``: the keys already in the stored space (a layer class with its own key transform, e.g. RotateKV's
+    pre-RoPE grouped-head rotation); ``k_perm``/``k_balance`` are then only recorded.
 
     Returns ``(cache, src, ok)``: for every new slot ``(B, H, S + Cq + R)`` the old slot it came from and whether it
     holds a token (to re-order observations with :func:`kvjax.compress.evict.gather_obs`).
@@ -561,7 +579,7 @@ def quantize_dense_layer(layer, spec: QuantSpec, *, room: int = 0, stream_idx: A
     dtype = layer.k.dtype
     rr = sp.residual
     unit = max(rr, 1)
-    kt = key_forward(layer.k, sp, k_balance, k_perm)
+    kt = key_forward(layer.k, sp, k_balance, k_perm) if k_stored is None else k_stored.astype(jnp.float32)
     vt = value_forward(layer.v, sp)
     if stream_idx is None:
         stream_idx = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, h, c))

@@ -13,6 +13,7 @@ channel group). This module adds what the caches need around it:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,33 @@ def hadamard_matrix(dim: int, block: int = 0) -> np.ndarray:
     for i in range(0, dim, b):
         out[i:i + b, i:i + b] = h
     return out.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _paley(q: int) -> np.ndarray:
+    """Paley construction I: a Hadamard matrix of order ``q + 1`` for a prime ``q = 3 (mod 4)``."""
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = np.array([0] + [1 if i in squares else -1 for i in range(1, q)], np.float64)
+    jac = np.array([[chi[(j - i) % q] for j in range(q)] for i in range(q)])
+    s = np.zeros((q + 1, q + 1))
+    s[0, 1:] = 1
+    s[1:, 0] = -1
+    s[1:, 1:] = jac
+    return np.eye(q + 1) + s
+
+
+def rotation_matrix(n: int) -> np.ndarray:
+    """Orthonormal Hadamard rotation ``(n, n)`` over ``n = 2^k * m`` channels, ``m`` in {1, 12, 20} (Sylvester, or
+    Paley-I of order 12/20 Kronecker Sylvester, as QuaRot-style code builds non-power-of-two sizes). ``x @ R``
+    rotates, ``y @ R.T`` rotates back. Clear error for other sizes."""
+    for m, q in ((1, 0), (12, 11), (20, 19)):
+        if n % m == 0 and (n // m) & (n // m - 1) == 0:
+            base = np.ones((1, 1)) if m == 1 else _paley(q)
+            h = np.kron(base / math.sqrt(m), _hadamard_np(n // m))
+            if not np.allclose(h @ h.T, np.eye(n), atol=1e-9):  # the construction is exact; guard anyway
+                raise AssertionError(f"rotation of size {n} is not orthonormal")
+            return h.astype(np.float32)
+    raise ValueError(f"no Hadamard rotation of size {n}: need 2^k, 12 * 2^k or 20 * 2^k channels")
 
 
 def lowrank_power_iteration(e: Array, rank: int, iters: int = 3) -> tuple[Array, Array]:
