@@ -1,5 +1,9 @@
 """Quantization methods (packed storage) vs the full cache on SmolLM2-135M at ~1K tokens, plus SnapKV + KIVI.
 
+MiKV is run at its default (20% of the prompt in high precision) and, beside H2O, at the same high-precision budget
+(204 tokens per head, half recent): MiKV keeps H2O's evicted tokens in 2 bits instead of dropping them. RotateKV uses
+the shipped SmolLM2 channel-reordering calibration (Wikipedia text; ``scripts/calibrate_rotatekv.py``).
+
 python -m kvjax.launch --config=configs/quantization.py
 """
 import ml_collections
@@ -19,7 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
         "kivi": {"bits": (2, 4)},
         "gear": {"bits": (2, 4)},
         "mikv": {},
-        "rotatekv": {},
+        "mikv_hi204": {"name": "mikv", "hi_budget": 204},
+        "h2o_204": {"name": "h2o", "budget": 204},
+        "rotatekv": {"calibration": "kvjax/data/rotatekv/smollm2-135m.npz"},
         "snapkv_kivi2": {"name": "chain", "chain": ("snapkv", "kivi"), "snapkv": {"budget": 256}, "kivi": {"bits": 2}},
     })
     c.tasks = ml_collections.ConfigDict({

@@ -40,7 +40,7 @@ def _assert_same_state(a, b):
 METHODS = {
     "full-bf16": None,
     "kivi2": ("kivi", dict(bits=2, group=8, residual=16)),
-    "gear": ("gear", dict(buffer=8)),
+    "gear": ("gear", dict(buffer=8, group=8)),
     "mikv-int8-hi": ("mikv", dict(group=8, hi_bits=8)),
     "rotatekv": ("rotatekv", {}),
 }

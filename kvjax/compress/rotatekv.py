@@ -146,9 +146,9 @@ def calibrate(model, params, tokens, *, head_group: int = 4, batch: int = 4) -> 
     tokens = np.asarray(tokens)
 
     @jax.jit
-    def layer_sums(toks):
+    def layer_sums(params, toks):
         state = model.init_state(toks.shape[0], toks.shape[1])
-        _, state, _ = model.forward(params, toks, state, logits="none")
+        _, state, _ = model.forward_impl(model.cfg, params, toks, state, None, logits="none")
         out = []
         for layer in state.layers:
             pre = rerotate_keys(layer.k.astype(jnp.float32), -jnp.maximum(layer.pos, 0), inv_freq)
@@ -158,7 +158,7 @@ def calibrate(model, params, tokens, *, head_group: int = 4, batch: int = 4) -> 
 
     total = np.zeros((cfg.num_layers, h * d), np.float64)
     for i in range(0, len(tokens), batch):
-        total += np.asarray(layer_sums(jnp.asarray(tokens[i:i + batch])), np.float64)
+        total += np.asarray(layer_sums(params, jnp.asarray(tokens[i:i + batch])), np.float64)
     return np.argsort(total, axis=-1, kind="stable").astype(np.int16)
 
 
