@@ -524,7 +524,7 @@ def test_mikv_rescored_token_moves_between_precisions_like_h2o():
     colsum = np.zeros((b, hq, t + steps), np.float32)
     colsum[0, 0, :t] = [5, 1, 4, 2, 3, 0.5, 0.2, 0.1, 0.3, 0.4]  # heavy hitters 0 and 2; 8, 9 recent
     m = get_method("mikv", hi_budget=n_hi, recent_ratio=n_rec / n_hi, group=8, balance=False)
-    ctx = Context(cfg=cfg, decode_room=steps, prompt_len=t)
+    ctx = Context(cfg=cfg, decode_room=steps + 7, prompt_len=t)  # room for the decode steps and the final chunk
     state = KVState(layers=(DenseKV(k=kk[:, :, :t], v=vv[:, :, :t], pos=dense.pos[:, :, :t], fill=dense.fill),),
                     next_pos=jnp.full((b,), t, jnp.int32), rope_shift=jnp.zeros((b,), jnp.int32))
     state, _ = m.prefill(state, ({"colsum": jnp.asarray(colsum[..., :t])},), ctx)
@@ -563,6 +563,14 @@ def test_mikv_rescored_token_moves_between_precisions_like_h2o():
             {"colsum": o},))
         layer = state.layers[0]
         check(layer, i + 1)
+    # a chunk longer than the high-precision set ("compress once, then grow"): its newest n_hi + 1 tokens are high
+    # precision, its oldest and all earlier hi tokens go to 2 bits, no token is lost
+    more = 7
+    kx = jnp.asarray(rng.normal(size=(b, h, more, d)), jnp.float32)
+    grown = jax.jit(lambda c: c.append(kx, kx, jnp.arange(t + steps, t + steps + more)[None]))(layer)
+    p = np.asarray(grown.pos)[0, 0]
+    assert sorted(p[p >= 0].tolist()) == list(range(t + steps + more))
+    assert hi_set(grown) == set(range(t + steps + more - n_hi - 1, t + steps + more))
     # token 8 left the recent window at step 2 and stayed high precision as a heavy hitter; token 2 was demoted
     assert 8 in want[steps] and 2 not in want[steps] and 8 not in range(t + steps - n_rec, t + steps)
     # without the extra attention token 8 would have been demoted instead

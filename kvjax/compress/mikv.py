@@ -131,19 +131,32 @@ class MixedPrecisionKV(QuantizedKV):
                             fill=self.fill + m)
 
     def append(self, k, v, pos) -> "MixedPrecisionKV":
-        """New tokens enter the high-precision set (H2O's recent window); if they do not fit, the weakest older
-        tokens are demoted first (one decode token always fits: the decode hook leaves one slot free)."""
+        """New tokens enter the high-precision set (H2O's recent window); to make room the weakest older tokens are
+        demoted first (one decode token always fits: the decode hook leaves one slot free). A chunk longer than the
+        high-precision set sends its oldest tokens straight to low precision."""
         n = k.shape[2]
-        newest = jnp.max(pos, axis=1)
-        layer = self.demote(self.n_keep - n, n, newest) if n > 0 else self
+        s = self.n_keep
+        nk = min(n, s)  # the newest nk tokens enter high precision
+        layer = self.demote(s - nk, nk, jnp.max(pos, axis=1)) if nk else self
         kt = key_forward(k, self.spec, self.k_balance, self.k_perm).astype(jnp.float32)
         vt = value_forward(v, self.spec)
-        hp = layer.hi_pos()
-        s = self.n_keep
-        free_order = jnp.argsort(jnp.where(hp < 0, 0, 1) * s + jnp.arange(s), axis=-1).astype(jnp.int32)
-        slots = free_order[..., :n] if n <= s else jnp.pad(free_order, ((0, 0), (0, 0), (0, n - s)))
         pos_h = jnp.broadcast_to(pos[:, None, :], kt.shape[:3]).astype(jnp.int32)
-        ok = (pos_h >= 0) & (jnp.arange(n) < s)
+        if n > nk:
+            ok = pos_h[..., :n - nk] >= 0
+            slots = (layer.fill - s)[..., None] + jnp.cumsum(ok, axis=-1, dtype=jnp.int32) - 1
+            arrays = (layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale, layer.v_zero,
+                      layer.pos)
+            kc, ks, kz, vc, vs, vz, p = layer._write_quantized(arrays, kt[:, :, :n - nk], vt[:, :, :n - nk],
+                                                               pos_h[..., :n - nk], slots, ok)
+            layer = layer.replace(k_codes=kc, k_scale=ks, k_zero=kz, v_codes=vc, v_scale=vs, v_zero=vz, pos=p,
+                                  fill=layer.fill + jnp.sum(ok, axis=-1, dtype=jnp.int32))
+            kt, vt, pos_h = kt[:, :, n - nk:], vt[:, :, n - nk:], pos_h[..., n - nk:]
+        if not nk:
+            return layer
+        hp = layer.hi_pos()
+        free_order = jnp.argsort(jnp.where(hp < 0, 0, 1) * s + jnp.arange(s), axis=-1).astype(jnp.int32)
+        slots = free_order[..., :nk]
+        ok = pos_h >= 0
         keep = _keep_write(layer.keep, slots, kt, vt, ok)
         tgt = jnp.where(ok, slots, s)
         p = layer.pos.at[..., :s].set(scatter_slots(hp, tgt, pos_h))
