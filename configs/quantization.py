@@ -36,5 +36,5 @@ def get_config() -> ml_collections.ConfigDict:
     })
     c.perplexity = ml_collections.ConfigDict({
         "enabled": True, "corpus": "shakespeare", "context_tokens": 768, "eval_tokens": 256, "n_segments": 2,
-        "mode": "chunk"})
+        "mode": ("once", "stream")})
     return c

@@ -146,7 +146,8 @@ def test_bytes_on_disk_vs_raw_bf16(tiny, tmp_path, capsys):
                                                              for k, (s, d, _) in rows.items()))
     assert rows["bf16"][1] < rows["bf16"][0]  # zstd + shuffle shrinks even the float cache a bit
     assert rows["kivi2"][1] < rows["kivi4"][1] < raw
-    assert rows["kivi2"][2] < raw / 3  # the arrays (the fixed-size metadata dominates at this toy size)
+    assert rows["kivi2"][2] < raw / 2.5  # the arrays (the fixed-size metadata dominates at this toy size);
+    # the last R=32 values stay bf16 (KIVI's sliding value window)
 
 
 # ------------------------------------------------------------------------------------------------- integrity

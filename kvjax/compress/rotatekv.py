@@ -171,6 +171,7 @@ def save_calibration(path, perm: np.ndarray, *, head_group: int, **meta) -> None
     try:
         np.savez(tmp, perm=np.asarray(perm, np.int16), head_group=np.int32(head_group),
                  **{k: np.asarray(str(v)) for k, v in meta.items()})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
