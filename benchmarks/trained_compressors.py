@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--max_new", type=int, default=12)
     ap.add_argument("--ppl_context", type=int, default=768)
-    ap.add_argument("--ppl_tokens", type=int, default=256)
+    ap.add_argument("--ppl_tokens", type=int, default=256, help="0 = no perplexity cell")
     ap.add_argument("--out", default="docs/results")
     a = ap.parse_args()
     from kvjax.pretrained import load_pretrained  # noqa: PLC0415
@@ -165,7 +165,7 @@ def main() -> None:
     for label, method, chunk in variants:
         t0 = time.perf_counter()
         cells = [gen_cell(lm, method, p, a.max_new, chunk) for p in preps]
-        ppl = ppl_cell(lm, method, a.ppl_context, a.ppl_tokens, chunk)
+        ppl = ppl_cell(lm, method, a.ppl_context, a.ppl_tokens, chunk) if a.ppl_tokens else float("nan")
         results[label] = dict(cells=cells, perplexity=ppl)
         by_task = {}
         for task, _ in tasks:
@@ -173,6 +173,9 @@ def main() -> None:
             by_task[task] = f"{int(sum(c['score'] for c in cs))}/{len(cs)}"
         rows.append(summarize(label, cells, ppl, {f"acc_{k}": v for k, v in by_task.items()}))
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, f"trained_{a.kind}.partial.json"), "w") as f:  # survives an interrupted run
+            json.dump({"args": vars(a), "rows": rows}, f, indent=1, default=float)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"trained_{a.kind}.json"), "w") as f:
         json.dump({"args": vars(a), "prompt_tokens": t, "results": results}, f, indent=1, default=float)

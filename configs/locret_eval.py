@@ -1,0 +1,33 @@
+"""Evaluate trained compressors by path with the experiment harness: ``python -m kvjax.launch
+--config=configs/locret_eval.py`` after ``configs/locret_train.py`` and ``configs/duo_train.py``.
+
+The harness prefills each prompt once and compresses it one-shot, so Locret scores and evicts the whole prompt at
+once here (the same final cache policy, without the bounded prefill memory); ``benchmarks/trained_compressors.py``
+runs Locret's chunked prefill and reports peak prefill bytes.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_dir = "runs/locret_eval"
+    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
+    c.precompile = True
+    c.prompt_style = "plain"
+    c.max_new_tokens = 8
+    c.methods = ml_collections.ConfigDict({
+        "full": {},
+        "snapkv": {"budget": (64,)},
+        "h2o": {"budget": (64,)},
+        "locret": {"heads": "runs/locret/ckpt", "budget": (64,), "chunk_size": 32, "stabilizers": 24,
+                   "local_len": 8},
+        "duo_attention": {"gates": "runs/duo/ckpt", "sparsity": (0.5,), "n_sink": 16, "recent": 48},
+    })
+    c.tasks = ml_collections.ConfigDict({
+        "niah_single": {"context_tokens": (512,), "depths": (0.1, 0.3, 0.5, 0.7), "seeds": (0, 1),
+                        "kwargs": {"filler": "wikipedia"}},
+    })
+    c.perplexity = ml_collections.ConfigDict({
+        "enabled": True, "corpus": "wikipedia", "context_tokens": 384, "eval_tokens": 64, "n_segments": 1,
+        "mode": "chunk"})
+    return c
