@@ -93,7 +93,7 @@ def ppl_cell(lm, method, ctx_tokens: int, eval_tokens: int, chunk: int | None) -
         ctx = Context(cfg=lm.cfg, decode_room=eval_tokens, prompt_len=ctx_tokens)
         nll, _, _ = harness._stream_nll(lm.model, method, ctx, lm.params, state, target, logits)
         return float(np.exp(np.asarray(nll).mean()))
-    rest, _, _ = lm.model.jit_forward(lm.params, target[:, :-1], state, logits="all")
+    rest, _, _ = lm.model.jit_forward(lm.params, target, state, logits="all")
     nll = harness._chunk_nll(logits, rest, target)
     return float(np.exp(np.asarray(nll).mean()))
 
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--n_sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--passkey", type=int, default=1, help="duo: also passkey prompts (0 = needles only)")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--max_new", type=int, default=12)
     ap.add_argument("--ppl_context", type=int, default=768)
@@ -138,29 +139,30 @@ def main() -> None:
     from kvjax.pretrained import load_pretrained  # noqa: PLC0415
 
     lm = load_pretrained("smollm2-135m", progress=False)
-    tasks = [("niah_single", "wikipedia")] if a.kind == "locret" else [("niah_single", "wikipedia"),
-                                                                        ("passkey", "shakespeare")]
+    tasks = [("niah_single", "wikipedia")] if a.kind == "locret" or not a.passkey else [
+        ("niah_single", "wikipedia"), ("passkey", "shakespeare")]
     preps = []
     for task, filler in tasks:
         preps += prompts(lm, task, a.n, a.context, filler)
     t = max(len(p.tokens) for p in preps)
     preps = harness.pad_prepared(preps, t)
     if a.kind == "locret":
-        variants = [("full", None, None),
-                    (f"SnapKV {a.budget}", get_method("snapkv", budget=a.budget), None),
-                    (f"H2O {a.budget}", get_method("h2o", budget=a.budget), None),
-                    (f"Locret {a.budget} (chunk {a.chunk})",
+        variants = [(f"Locret {a.budget} (chunk {a.chunk})",
                      get_method("locret", heads=a.heads, budget=a.budget, chunk_size=a.chunk,
-                                stabilizers=a.stabilizers, local_len=a.local_len), a.chunk)]
+                                stabilizers=a.stabilizers, local_len=a.local_len), a.chunk),
+                    (f"SnapKV {a.budget}", get_method("snapkv", budget=a.budget), None),
+                    ("full", None, None),
+                    (f"H2O {a.budget}", get_method("h2o", budget=a.budget), None)]
     else:
         gates = get_method("duo_attention", gates=a.gates).gate_values()
         variants = [("full", None, None),
                     (f"StreamingLLM {a.n_sink}+{a.recent}",
                      get_method("streaming_llm", n_sink=a.n_sink, window=a.recent, reposition=False), None)]
-        for s in [float(x) for x in a.sparsities.split(",")]:
+        for s in sorted([float(x) for x in a.sparsities.split(",")], key=lambda x: abs(x - 0.5)):
             variants.append((f"DuoAttention sparsity {s:g}",
                              get_method("duo_attention", gates=gates, sparsity=s, n_sink=a.n_sink,
                                         recent=a.recent), None))
+        variants = variants[2:3] + variants[:2] + variants[3:]  # the middle sparsity first, then the baselines
     results, rows = {}, []
     for label, method, chunk in variants:
         t0 = time.perf_counter()
