@@ -107,6 +107,7 @@ def test_locret_errors():
         get_method("locret", heads="/nonexistent/ckpt").retaining_heads()
 
 
+@pytest.mark.slow  # CI budget: notebooks/training.ipynb runs train -> artefact -> chunked prefill in CI
 def test_train_locret_on_tiny_model_then_evict_with_the_artefact(tmp_path):
     """configs/locret_train.py on the tiny random model for a few steps: metrics, loss curve, held-out eval and an
     artefact that get_method("locret", heads=path) uses for chunked prefill."""
