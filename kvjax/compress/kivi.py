@@ -18,8 +18,9 @@ Defaults are the paper's: group 32, residual 128, 2 bits, fp16 scales/zeros.
 Remaining deviations: codes are computed against the fp16-rounded scale/zero (the reference's kernel uses the f32
 scale and stores it in fp16); a quantized value's codes are written when its key group is flushed (the codes of the
 last ``R - r`` tokens exist but are not read until their values leave the window) — attention equals the
-reference's and the state holds the same arrays (codes for every slot are preallocated in both). ``value_window="grouped"`` is kvjax's earlier layout (values flushed with the keys, ``0 <= r < R``
-full-precision values), kept for comparison. Acts on global layers only; sliding-window (ring) layers stay dense. After an
+reference's and the state holds the same arrays (codes for every slot are preallocated in both).
+``value_window="grouped"`` is kvjax's earlier layout (values flushed with the keys, ``0 <= r < R`` full-precision
+values), kept for comparison. Acts on global layers only; sliding-window (ring) layers stay dense. After an
 eviction method in a chain, the quantized cache keeps the capacity of the evicted layer (which already holds the
 decode room); on a freshly prefilled layer it adds ``decode_room`` slots.
 """

@@ -29,8 +29,9 @@ Storage of one layer (``B`` batch, ``H`` KV heads, ``D``/``Dv`` key/value head d
 :func:`kvjax.attention.reference_attention`. With ``impl="pallas"`` a decode step (no observations, ``T <= 16``)
 over a KIVI-layout cache (per-channel keys, a residual, no keep block) runs
 ``pallas_kernels.quantized_decode_attention`` instead (with a sliding value window the last complete key group is
-passed to it as extra full-precision slots, see :meth:`QuantizedKV._kernel_inputs`), which dequantizes block by block in on-chip memory (the fast
-path). :func:`kvjax.nbytes` counts exactly the stored arrays: packed codes, scales/zeros, residual, positions.
+passed to it as extra full-precision slots, see :meth:`QuantizedKV._kernel_inputs`), which dequantizes block by
+block in on-chip memory (the fast path). :func:`kvjax.nbytes` counts exactly the stored arrays: packed codes,
+scales/zeros, residual, positions.
 """
 from __future__ import annotations
 
