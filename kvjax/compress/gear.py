@@ -258,16 +258,17 @@ class GearKV:
 
 def gear_dense_layer(layer, sp: GearSpec, room: int = 0) -> tuple[GearKV, Array, Array]:
     """Compresses a :class:`kvjax.state.DenseKV` (slots ``[0, fill)`` of each head) into a :class:`GearKV`: the
-    first ``fill - fill % gap`` tokens of each head as one chunk of ``sp.prompt_block`` slots (invalid ones masked),
-    the rest into the buffer; ``room`` decode tokens get whole ``gap`` chunks."""
+    first ``fill - fill % gap`` tokens of each head (at most ``sp.prompt_block``, the prompt part of the layer) as
+    one chunk of ``sp.prompt_block`` slots (invalid ones masked), the rest into the buffer; ``room`` decode tokens
+    get whole ``gap`` chunks."""
     if getattr(layer, "ring_start", -1) >= 0:
         raise ValueError("cannot compress a ring-buffer (sliding-window or StreamingLLM) layer with GEAR")
     b, h, c, d = layer.k.shape
     el, pl = sp.block, sp.prompt_block
-    if pl != (c // el) * el:
-        raise ValueError(f"gear prompt chunk {pl} must be the layer capacity {c} rounded down to gap {el}")
+    if pl > c or pl % el:
+        raise ValueError(f"gear prompt chunk {pl} must be a multiple of the gap {el} within the layer capacity {c}")
     n = layer.fill
-    q0 = (n // el) * el
+    q0 = jnp.minimum((n // el) * el, pl)
     j = jnp.arange(pl, dtype=jnp.int32)
     in_q = j < q0[..., None]
     ps = jnp.where(in_q, layer.pos[..., :pl], -1)
@@ -354,9 +355,11 @@ class GEAR(Method):
 
     def prefill(self, state, obs, ctx: Context):
         def one(i, layer, o):
-            c = layer.k.shape[2]
+            # the prompt part of the layer: its capacity less the decode room an evictor before us already added
+            inside = ctx.decode_room - room_for(layer, ctx)
+            c = max(layer.k.shape[2] - inside, 0)
             sp = self.spec(layer.k.shape[-1], (c // self.buffer) * self.buffer)
-            cache, src, ok = gear_dense_layer(layer, sp, room_for(layer, ctx))
+            cache, src, ok = gear_dense_layer(layer, sp, ctx.decode_room)
             return cache, convert_obs(o, src, ok)
 
         return map_global_layers(state, obs, one)
