@@ -16,6 +16,11 @@ Observations (``Observe``) are returned per layer as a dict:
 * ``"massive_pos"`` ``(B, n)``: original positions of the tokens holding the ``n`` largest ``|h|`` entries of the
   layer's input hidden state (RotateKV's massive-activation sinks; repeats when one token holds several entries).
   These two are computed by the model (``kvjax.models.llama``), not by the attention.
+* ``"queries"`` ``(B, Hq, T, D)`` and ``"queries_pos"`` ``(B, T)``: all the call's queries, post-RoPE and multiplied
+  by the softmax scale (so ``queries @ k.T`` are the attention logits), and their positions (``-1`` = padding). A
+  method that needs a function of every query's attention other than the plain column sums (Keyformer's
+  Gumbel-softmax scores) recomputes it from these, blockwise (:func:`blockwise_over_queries`), instead of asking for
+  a ``(T, S)`` matrix per layer. Costs ``Hq / (2 Hkv)`` times the layer's float KV bytes while the observations live.
 
 ``S`` is the key axis the call attended over: the cache slots (after the new tokens were written).
 """
@@ -39,9 +44,10 @@ class Observe:
     inputs: bool = False  # the layer's attention inputs: pre-RoPE q, k, v of the call's tokens (Locret's heads)
     qmax: bool = False  # per-channel max |q| over all the call's queries (MiKV's balancer)
     massive: int = 0  # tokens holding the top-n |hidden state| entries at the layer input (RotateKV's sinks)
+    queries: bool = False  # every query (scaled) and its position
 
     def __bool__(self) -> bool:
-        return bool(self.window or self.colsum or self.inputs or self.qmax or self.massive)
+        return bool(self.window or self.colsum or self.inputs or self.qmax or self.massive or self.queries)
 
 
 def visibility(q_pos: jax.Array, k_pos: jax.Array, window: int = 0) -> jax.Array:
@@ -116,6 +122,11 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
         s, vis = _scores(qg[:, :, :, t - w:], k, q_pos[:, t - w:], k_pos, scale, window, softcap, bias)
         obs["window"] = _probs(s, vis).reshape(b, hq, w, -1)
         obs["window_q"] = q[:, :, t - w:]
+    if observe.queries:
+        if softcap:
+            raise ValueError("the queries observation does not support attention logit soft-capping")
+        obs["queries"] = (q.astype(jnp.float32) * scale).astype(q.dtype)
+        obs["queries_pos"] = q_pos
     return out.reshape(b, hq, t, -1).astype(q.dtype), obs
 
 
@@ -156,6 +167,18 @@ def attend(q: jax.Array, layer, q_pos: jax.Array, *, sm_scale: float | None = No
                                observe=observe)
 
 
+def blockwise_over_queries(fn, queries: jax.Array, q_pos: jax.Array, init, q_block: int = 256):
+    """Folds ``fn(acc, q_block (B, Hq, tb, D), q_pos_block (B, tb)) -> acc`` over blocks of ``q_block`` queries (a
+    ``lax.scan``; padded queries get position ``-1``), so that a per-query statistic never holds all ``T`` rows."""
+    b, hq, t, d = queries.shape
+    nb = math.ceil(t / q_block)
+    pad = nb * q_block - t
+    qs = jnp.pad(queries, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, hq, nb, q_block, d).transpose(2, 0, 1, 3, 4)
+    ps = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1).reshape(b, nb, q_block).transpose(1, 0, 2)
+    acc, _ = jax.lax.scan(lambda a, x: (fn(a, *x), None), init, (qs, ps))
+    return acc
+
+
 def restrict_observations(obs: tuple[dict, ...], observe: Observe) -> tuple[dict, ...]:
     """Observations computed for a union of needs, cut down to what ``observe`` asks for.
 
@@ -177,5 +200,7 @@ def restrict_observations(obs: tuple[dict, ...], observe: Observe) -> tuple[dict
             r["q_absmax"] = o["q_absmax"]
         if observe.massive and "massive_pos" in o:
             r["massive_pos"] = o["massive_pos"][:, :observe.massive]  # sorted by magnitude: a prefix is the top-n
+        if observe.queries and "queries" in o:
+            r["queries"], r["queries_pos"] = o["queries"], o["queries_pos"]
         out.append(r)
     return tuple(out)

@@ -285,5 +285,27 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json at {path}")
-    with open(path) as f:
-        return config_from_hf(json.load(f))
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnsupportedConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise UnsupportedConfigError(f"{path} holds a {type(raw).__name__}, expected a JSON object")
+    for name in REQUIRED_INT_FIELDS:
+        if name not in raw:
+            raise UnsupportedConfigError(f"{path}: required field {name!r} is missing")
+    for name in REQUIRED_INT_FIELDS + OPTIONAL_INT_FIELDS:
+        v = raw.get(name)
+        if name in raw and v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise UnsupportedConfigError(f"{path}: field {name}={v!r} must be a positive integer")
+    try:
+        return config_from_hf(raw)
+    except UnsupportedConfigError as e:
+        raise UnsupportedConfigError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnsupportedConfigError(f"{path}: malformed field ({type(e).__name__}: {e})") from None
+
+
+REQUIRED_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_INT_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")

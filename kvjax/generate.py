@@ -24,6 +24,13 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
+        import math  # noqa: PLC0415
+
+        for name, v in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise TypeError(f"top_k must be an int, got {self.top_k!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -126,8 +133,14 @@ def generate(model: Model, params, prompt: jax.Array, state: KVState | None = No
 
     ``state``: an existing state to continue (multi-turn); by default a fresh one sized for prompt + new tokens.
     """
+    import numbers  # noqa: PLC0415
+
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     if state is not None:
         model.check_inputs(prompt, state, prompt_mask)
         for i, layer in enumerate(state.layers):

@@ -80,6 +80,23 @@ def main(argv) -> int:
     if _COMPILE_CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    from kvjax.eval.checks import check_run_dir
+
+    try:
+        if "train" not in config:
+            from kvjax.eval.experiment import validate
+
+            validate(config)  # before the run directory is checked or anything is loaded
+            check_run_dir(config.run_dir)
+    except Exception as e:  # noqa: BLE001
+        return _fail(e)
+    return execute(config, progress=_PROGRESS.value)
+
+
+def execute(config, *, progress: bool = True) -> int:
+    """Runs ``config`` (an experiment, or a training when it has a ``train`` section); returns the exit code: 0, or
+    2 after printing one line for an invalid config, an unreadable / unsupported checkpoint, a missing tokenizer, or
+    a run directory that cannot be written (read-only, full disk)."""
     from kvjax.eval.experiment import ConfigError, run_experiment
 
     try:
@@ -87,19 +104,61 @@ def main(argv) -> int:
             from kvjax.train.run import run_training
 
             try:
-                run_training(config, progress=_PROGRESS.value)
+                run_training(config, progress=progress)
             except ValueError as e:  # bad config values, mismatched / corrupt checkpoints (CheckpointError)
                 raise ConfigError(str(e)) from None
         else:
-            run_experiment(config, progress=_PROGRESS.value)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"kvjax.launch: error: {e}", file=sys.stderr)
-        return 2
+            run_experiment(config, progress=progress)
+    except Exception as e:  # noqa: BLE001 (_fail re-raises what is not a user error)
+        return _fail(e)
     return 0
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kvjax.checkpoints.safetensors import CheckpointError
+    from kvjax.config import UnsupportedConfigError
+    from kvjax.eval.experiment import ConfigError
+    from kvjax.persist import StateFileError
+    from kvjax.sharding import ShardingError
+
+    return ConfigError, CheckpointError, UnsupportedConfigError, StateFileError, ShardingError
+
+
+def _fail(e: BaseException) -> int:
+    """One line on stderr and exit code 2 for user errors; anything else is a bug and keeps its traceback."""
+    from kvjax.checkpoints.gguf import GGUFError
+    from kvjax.eval.checks import os_error_line
+
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        line = str(e)
+    elif isinstance(e, OSError):
+        line = os_error_line(e)
+    elif isinstance(e, _user_errors() + (GGUFError,)):
+        line = str(e)
+    else:
+        raise e
+    print(f"kvjax.launch: error: {' '.join(line.split())}", file=sys.stderr)
+    return 2
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with one-line errors (exit code 2) for a bad ``--config`` file or a bad flag: the config
+    file is checked (exists, is a file, parses, defines ``get_config``) before ml_collections executes it."""
+    from kvjax.eval.checks import check_config_file
+    from kvjax.eval.experiment import ConfigError
+
+    path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    try:
+        if path is not None:
+            check_config_file(path)
+        return flags.FLAGS(argv)
+    except (ConfigError, flags.Error) as e:
+        print(f"kvjax.launch: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run() -> None:
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

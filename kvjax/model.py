@@ -80,7 +80,10 @@ class Model:
 
     def check_inputs(self, tokens, state: KVState, token_mask=None) -> None:
         """Raises a clear error for malformed tokens, masks, or a chunk that does not fit in the cache."""
-        if not hasattr(tokens, "ndim") or tokens.ndim != 2:
+        if not hasattr(tokens, "ndim") or not hasattr(tokens, "dtype"):
+            raise TypeError(f"tokens must be a 2-D (batch, time) integer jax or numpy array, got a "
+                            f"{type(tokens).__name__} (wrap it: jnp.asarray(tokens, jnp.int32))")
+        if tokens.ndim != 2:
             raise ValueError(f"tokens must be a 2-D (batch, time) integer array, got shape {getattr(tokens, 'shape', None)}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise TypeError(f"tokens must have an integer dtype, got {tokens.dtype}")
@@ -91,8 +94,17 @@ class Model:
             raise ValueError(f"tokens have batch {b} but the KV state was made for batch {state.batch_size}")
         if len(state.layers) != self.cfg.num_layers:
             raise ValueError(f"KV state has {len(state.layers)} layers, the model {self.cfg.num_layers}")
-        if token_mask is not None and tuple(token_mask.shape) != (b, t):
-            raise ValueError(f"token_mask shape {tuple(token_mask.shape)} != tokens shape {(b, t)}")
+        if token_mask is not None and tuple(getattr(token_mask, "shape", ())) != (b, t):
+            raise ValueError(f"token_mask shape {tuple(getattr(token_mask, 'shape', ()))} != tokens shape {(b, t)}")
+        if token_mask is not None and _concrete(token_mask):
+            m = np.asarray(token_mask)
+            if m.dtype != np.bool_:
+                raise TypeError(f"token_mask must be a bool array (True = real token), got dtype {m.dtype}")
+            empty = np.flatnonzero(~m.any(axis=1))
+            if empty.size and state is not None and _concrete(state.next_pos) and \
+                    (np.asarray(state.next_pos)[empty] == 0).any():
+                raise ValueError(f"row(s) {empty.tolist()} of token_mask are all padding: a prompt needs at least one "
+                                 "real token")
         if _concrete(tokens):
             tk = np.asarray(tokens)
             if tk.size and (tk.min() < 0 or tk.max() >= self.cfg.vocab_size):

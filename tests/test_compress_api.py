@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from kvjax.attention import Observe
 from kvjax.compress import Context, available_methods, chain, get_method
 from kvjax.compress.locret import RetainingHeads, init_heads
 from kvjax.config import ModelConfig
-from kvjax.generate import _apply_prefill
+from kvjax.generate import _apply_prefill, decode_hook, prefill_compressed, stack_for_loop, unstack_after_loop
 from kvjax.state import DenseKV, KVState, as_dense_layer
 
 B, HQ, HKV, D, L = 2, 4, 2, 8, 2
@@ -47,7 +48,7 @@ FACTORIES = {
     "streaming_llm": lambda b: get_method("streaming_llm", n_sink=1, window=b - 1),
     "h2o": lambda b: get_method("h2o", budget=b),
     "scissorhands": lambda b: get_method("scissorhands", budget=b, history_window=W),
-    "keyformer": lambda b: get_method("keyformer", budget=b, prompt_window=W),
+    "keyformer": lambda b: get_method("keyformer", budget=b),
     "lazy_eviction": lambda b: get_method("lazy_eviction", budget=b, window=W),
     "cake": lambda b: get_method("cake", budget=b, window=W, kernel=3),
     "d2o": lambda b: get_method("d2o", budget=b, n_sink=1),
@@ -117,6 +118,9 @@ def synthetic_state(rng, pads=(0, 0), observe=None, temperature=2.0):
             o["window_q"] = jnp.asarray(rng.normal(size=(b, HQ, w, D)), jnp.float32)
         if observe.inputs:  # pre-RoPE q, k, v of the prompt's tokens (Locret's retaining heads read them)
             o["qkv"] = jnp.asarray(rng.normal(size=(b, t, (HQ + 2 * HKV) * D)), jnp.float32)
+        if observe.queries:
+            o["queries"] = jnp.asarray(rng.normal(size=(b, HQ, t, D)) * temperature, jnp.float32)
+            o["queries_pos"] = jnp.asarray(pos)
         layers.append(DenseKV(k=jnp.asarray(k), v=jnp.asarray(v),
                               pos=jnp.asarray(np.broadcast_to(pos[:, None], (b, HKV, t)).copy()),
                               fill=jnp.full((b, HKV), t, jnp.int32)))
@@ -382,3 +386,118 @@ def test_kvcrush_wraps_a_method_instance_and_chains():
     assert m.base_method.budget == 12 and m.base_method.window == 4 and m.n_rep == 4
     c = chain(m, get_method("h2o", budget=32))
     assert c.observe().window == 4 and c.observe().colsum
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batch independence: every registered method gives each row of a batch the result it gives that row alone
+# ---------------------------------------------------------------------------------------------------------------------
+SHORT = 8  # the short prompt's length; the long one has T tokens (the short one is left-padded by T - SHORT)
+
+
+def _duo():
+    from kvjax.compress.duo_attention import DuoGates  # noqa: PLC0415
+
+    return get_method("duo_attention", gates=DuoGates(np.array([[1.0, 0.0], [0.2, 0.9]])), n_sink=1, recent=3)
+
+
+# Small hyper-parameters so that the short prompt is compressed too (defaults would keep a 12-token prompt whole).
+# A method without an entry runs with its defaults: a newly registered method is checked automatically.
+BATCH_METHODS = {
+    **{name: (lambda f=f: f(5)) for name, f in FACTORIES.items()},
+    "kvcrush": lambda: FACTORIES["kvcrush"](6),
+    # Between the two prompt lengths: the short row is kept whole, the long one gets pyramidal layer budgets.
+    "pyramidkv": lambda: FACTORIES["pyramidkv"](9),
+    "kivi": lambda: get_method("kivi", bits=2, group=4, residual=4),
+    "gear": lambda: get_method("gear", buffer=4),
+    "mikv": lambda: get_method("mikv", residual=4, window=W),
+    "duo_attention": _duo,
+}
+
+
+def batch_method(name):
+    make = BATCH_METHODS.get(name)
+    return make() if make is not None else get_method(name)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _forced_decode(model, method, ctx, params, state, tokens):
+    """``generate``'s decode loop, teacher-forced with ``tokens`` ``(B, n)``: logits of every step and the state."""
+    streaming = method is not None and method.has_decode()
+    step_observe = method.decode_observe() if streaming else kvjax.attention.Observe()
+    params, state, layout = stack_for_loop(model, params, state)
+    hook = decode_hook(method, ctx, layout is not None) if streaming else None
+
+    def body(st, tok):
+        lg, st, o = model.forward_impl(model.cfg, params, tok[:, None], st, None, observe=step_observe,
+                                       impl=model.impl, logits="last")
+        return (hook(st, o) if streaming else st), lg
+
+    st, logits = jax.lax.scan(body, state, tokens.T)
+    return jnp.swapaxes(logits, 0, 1), unstack_after_loop(st, layout)
+
+
+def cache_contents(state) -> list:
+    """Per layer: per row and head, ``{position: (key, value)}`` of what the cache holds (dequantized for packed
+    layers; None for a layer class without ``dense()``)."""
+    out = []
+    for layer in state.layers:
+        if not (hasattr(layer, "dense") and hasattr(layer, "pos")):
+            out.append(None)
+            continue
+        k, v = (np.asarray(x, np.float32) for x in layer.dense())
+        pos = np.asarray(layer.pos)
+        out.append([[{int(p): (k[b, h, s], v[b, h, s]) for s, p in enumerate(pos[b, h]) if p >= 0}
+                     for h in range(pos.shape[1])] for b in range(pos.shape[0])])
+    return out
+
+
+def run_rows(model, params, method, prompt, mask, tokens):
+    """Prefill + compression as ``generate`` runs them; a method with a decode phase then has ``tokens`` teacher-forced
+    through the decode loop. Returns (logits ``(B, 1 + steps, V)``, cache contents after prefill, at the end)."""
+    ctx = Context(cfg=model.cfg, decode_room=tokens.shape[1], prompt_len=prompt.shape[1])
+    logits, state = prefill_compressed(model, params, prompt, method=method, prompt_mask=mask,
+                                       decode_room=tokens.shape[1])
+    logits = np.asarray(logits)[:, None]
+    after_prefill = cache_contents(state)
+    if not method.has_decode():  # the compressed cache determines everything that follows: compare it directly
+        return logits, after_prefill, after_prefill
+    steps, state = _forced_decode(model, method, ctx, params, state, tokens)
+    return np.concatenate([logits, np.asarray(steps)], 1), after_prefill, cache_contents(state)
+
+
+def same_contents(got, ref) -> bool:
+    """One row's cache contents (per head ``{position: (k, v)}``) equal up to float noise."""
+    if [sorted(h) for h in got] != [sorted(h) for h in ref]:
+        return False
+    return all(np.allclose(g[p][i], r[p][i], rtol=1e-4, atol=1e-4) for g, r in zip(got, ref) for p in g
+               for i in (0, 1))
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_rows_are_batch_independent(tiny, name):
+    """Batch 2 (a short prompt left-padded beside a long one) against each prompt alone (a batch of two copies of
+    it, no padding): the same cache after compression (positions, keys and values per layer and head; dequantized for
+    packed caches), and for methods with a decode phase the same logits at every decoding step and the same cache
+    afterwards. Budgets must come from each row's own length, random noise from per-row (layout-free) keys."""
+    model, params = tiny
+    method = batch_method(name)
+    rng = np.random.default_rng(7)
+    short, long_ = rng.integers(0, CFG.vocab_size, SHORT), rng.integers(0, CFG.vocab_size, T)
+    tokens = rng.integers(0, CFG.vocab_size, (2, ROOM))
+    mixed = np.stack([np.concatenate([np.zeros(T - SHORT, np.int64), short]), long_])
+    mask = np.ones((2, T), bool)
+    mask[0, :T - SHORT] = False
+    asarr = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    got = run_rows(model, params, method, asarr(mixed), jnp.asarray(mask), asarr(tokens))
+    alone = [run_rows(model, params, method, asarr(np.stack([short, short])), None, asarr(tokens[[0, 0]])),
+             run_rows(model, params, method, asarr(np.stack([long_, long_])), jnp.ones((2, T), bool),
+                      asarr(tokens[[1, 1]]))]
+    for row, ref in enumerate(alone):
+        np.testing.assert_allclose(got[0][row], ref[0][0], rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{name}: row {row}'s logits depend on the other row of the batch")
+        for when, g, r in (("after prefill", got[1], ref[1]), ("after decoding", got[2], ref[2])):
+            for i, (gl, rl) in enumerate(zip(g, r)):
+                if gl is not None:
+                    assert same_contents(gl[row], rl[0]), \
+                        f"{name}: row {row}'s cache differs in layer {i} {when} in a batch ({sorted(gl[row][0])} " \
+                        f"vs alone {sorted(rl[0][0])} in head 0)"

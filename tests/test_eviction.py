@@ -22,7 +22,7 @@ from kvjax.compress.base import densify
 from kvjax.compress.cake import cascade_budgets
 from kvjax.compress.d2o import merge_evicted
 from kvjax.compress.evict import proportional_budgets
-from kvjax.compress.keyformer import gumbel_softmax_of_probs
+from kvjax.compress.keyformer import hash_gumbel
 from kvjax.compress.pyramidkv import pyramid_budgets
 from kvjax.generate import generate, prefill_compressed
 from kvjax.models.llama import rms_norm
@@ -369,33 +369,77 @@ def test_scissorhands_matches_numpy_simulation():
                     assert set(below) == kept(after[step + 1].layers[i])[b][h], (i, b, h, step)
 
 
+def np_fmix32(x):
+    x = x.astype(np.uint64) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def np_hash_gumbel(seed, layer, head, q_pos, k_pos):
+    """numpy twin of Keyformer's counter-based Gumbel noise (MurmurHash3 finalizer chain)."""
+    u = lambda x: np.asarray(x, np.int64).astype(np.uint32).astype(np.uint64)  # noqa: E731
+    m = 0xFFFFFFFF
+    h = np_fmix32((u(seed) * 0x9E3779B1 + u(layer)) & m)
+    h = np_fmix32(h ^ ((u(head) * 0x85EBCA77) & m))
+    h = np_fmix32(h ^ ((u(q_pos) * 0xC2B2AE3D) & m))
+    h = np_fmix32(h ^ ((u(k_pos) * 0x27D4EB2F) & m))
+    uni = ((h >> 8).astype(np.float64) + 0.5) / (1 << 24)
+    return -np.log(-np.log(uni))
+
+
+def np_gumbel_softmax(logits, live, g, tau):
+    z = np.where(live, (logits + g) / tau, -np.inf)
+    m = np.max(np.where(live, z, -1e30), axis=-1, keepdims=True)
+    e = np.where(live, np.exp(z - m), 0.0)
+    return e / np.maximum(e.sum(-1, keepdims=True), 1e-30)
+
+
+def test_keyformer_noise_is_uniform_gumbel_and_batch_layout_free():
+    g = np.asarray(hash_gumbel(0, 1, jnp.arange(4)[:, None, None], jnp.arange(64)[None, :, None],
+                               jnp.arange(256)[None, None, :]))
+    np.testing.assert_allclose(g, np_hash_gumbel(0, 1, np.arange(4)[:, None, None], np.arange(64)[None, :, None],
+                                                 np.arange(256)[None, None, :]), rtol=1e-4, atol=1e-4)
+    assert abs(g.mean() - 0.5772) < 0.02 and abs(g.std() - math.pi / math.sqrt(6)) < 0.02  # Gumbel(0, 1)
+    assert np.corrcoef(g[0].ravel(), g[1].ravel())[0, 1] < 0.02  # heads independent
+    other = np.asarray(hash_gumbel(0, 2, jnp.arange(4)[:, None, None], jnp.arange(64)[None, :, None],
+                                   jnp.arange(256)[None, None, :]))
+    assert abs(np.corrcoef(g.ravel(), other.ravel())[0, 1]) < 0.02  # layers independent
+
+
 def test_keyformer_gumbel_scores_and_schedule_match_numpy():
+    """Prompt score = Gumbel-softmax attention of every prompt query (not a window), then H2O-like decode-time
+    eviction with fresh noise and the tau schedule; against a numpy simulation."""
     budget = 7
     m = FACTORIES["keyformer"](budget)  # recent window int(0.3 * 7) = 2, tau 1 -> 2 over the 3 decoding steps
     state, obs, _ = synthetic_state(np.random.default_rng(10), (0, 2), m.observe())
     assert m.recent == 2 and m.tau(0, 3) == 1.0 and m.tau(3, 3) == 2.0 and m.tau(1, 4) == 1.25
-
-    def np_gumbel(p, key, tau):
-        g = np.asarray(jax.random.gumbel(key, p.shape, jnp.float32))
-        p = np.asarray(p)
-        live = p > 0
-        z = np.where(live, (np.log(np.where(live, p, 1.0)) + g) / tau, -np.inf)
-        e = np.where(live, np.exp(z - z.max(-1, keepdims=True)), 0.0)
-        return e / e.sum(-1, keepdims=True)
-
-    key = m._key(0, state.next_pos)
-    np.testing.assert_allclose(np.asarray(gumbel_softmax_of_probs(obs[0]["window"], key, 1.5)),
-                               np_gumbel(obs[0]["window"], key, 1.5), rtol=1e-5, atol=1e-6)
+    heads = np.arange(HQ)[None, :, None, None]
     after, seen = run_decode(m, state, obs, ROOM, seed=11)
     for i in range(2):
-        pos0 = np.asarray(state.layers[i].pos)
-        score0 = gmean(np_gumbel(obs[i]["window"], m._key(i, state.next_pos), 1.0).sum(2))
+        layer = state.layers[i]
+        pos0 = np.asarray(layer.pos)
+        q, qp = np.asarray(obs[i]["queries"], np.float64), np.asarray(obs[i]["queries_pos"])
+        k = np.repeat(np.asarray(layer.k, np.float64), G, axis=1)
+        kp = np.repeat(pos0, G, axis=1)  # (B, Hq, C)
+        logits = np.einsum("bhtd,bhsd->bhts", q, k)
+        live = (kp[:, :, None, :] >= 0) & (qp[:, None, :, None] >= 0) & (kp[:, :, None, :] <= qp[:, None, :, None])
+        noise = np_hash_gumbel(m.seed, i, heads, qp[:, None, :, None], kp[:, :, None, :])
+        score0 = gmean(np_gumbel_softmax(logits, live, noise, 1.0).sum(2))  # all T prompt queries
         assert kept(after[0].layers[i]) == np_select(score0, pos0, budget, recent(pos0, state.next_pos, 2))
-        step_scores = [gmean(np_gumbel(o[i]["colsum"], m._key(i, pre.next_pos), 1.0 + (step + 1) / ROOM))
-                       for step, (pre, o) in enumerate(seen)]  # tau schedule 1 -> 2 over the decoding steps
+        step_scores = []
+        for step, (pre, o) in enumerate(seen):  # tau schedule 1 -> 2 over the decoding steps
+            p = np.asarray(o[i]["colsum"], np.float64)
+            lp = np.repeat(np.asarray(pre.layers[i].pos), G, axis=1)
+            g = np_hash_gumbel(m.seed, i, np.arange(HQ)[None, :, None], np.asarray(pre.next_pos)[:, None, None] - 1,
+                               lp)
+            step_scores.append(gmean(np_gumbel_softmax(np.log(np.where(p > 0, p, 1.0)), p > 0, g,
+                                                       1.0 + (step + 1) / ROOM)))
         for b in range(B):
             for h in range(HKV):
-                scores = {p: float(s) for p, s in slot_values(state.layers[i], b, h, score0[b, h]).items()
+                scores = {p: float(s) for p, s in slot_values(layer, b, h, score0[b, h]).items()
                           if p in kept(after[0].layers[i])[b][h]}
                 for step, (pre, o) in enumerate(seen):
                     add = slot_values(pre.layers[i], b, h, step_scores[step][b, h])

@@ -169,7 +169,7 @@ def assemble_chunks(chunks: Sequence[str | os.PathLike], target: str | os.PathLi
                         out.write(block)
         got = digest.hexdigest()
         if got != expected_sha256:
-            raise ValueError(
+            raise GGUFError(
                 f"assembling {target} from {', '.join(str(c) for c in chunks)} gave sha256 {got}, expected "
                 f"{expected_sha256}: a chunk file is corrupt or truncated; reinstall the package(s) holding it")
         os.replace(tmp, target)
@@ -199,7 +199,7 @@ def gemma3_gguf_path(cache_dir: str | os.PathLike | None = None, *, verify: bool
         init = (pkg / "__init__.py").read_text() if (pkg / "__init__.py").is_file() else ""
         m = re.search(r'EXPECTED_SHA256\s*=\s*"([0-9a-f]{64})"', init)
         if m and m.group(1) != expected:
-            raise ValueError(f"{pkg} expects sha256 {m.group(1)}, kvjax expects {expected}: unknown package version")
+            raise GGUFError(f"{pkg} expects sha256 {m.group(1)}, kvjax expects {expected}: unknown package version")
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = target / GEMMA3_FILE
     stamp = target.with_name(target.name + ".sha256")
@@ -223,6 +223,10 @@ _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f"
 _NUMPY_TYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "u1", 10: "<u8",
                 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY, _FLOAT32, _BOOL = 8, 9, 6, 7
+
+
+class GGUFError(ValueError):
+    """A GGUF file kvjax cannot read (truncated, corrupt, unknown types); the message names the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +260,7 @@ class _Header:
         self.path = path
         self.size = os.path.getsize(path)
         if self.size == 0:
-            raise ValueError(f"{path} is empty, not a GGUF file")
+            raise GGUFError(f"{path} is empty, not a GGUF file")
         with open(path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -264,7 +268,7 @@ class _Header:
         except ValueError:
             raise
         except (struct.error, IndexError, OverflowError, UnicodeDecodeError, MemoryError) as e:
-            raise ValueError(f"{path} is not a valid GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+            raise GGUFError(f"{path} is not a valid GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
         finally:
             self._mm.close()
             del self._mm
@@ -276,7 +280,7 @@ class _Header:
 
     def _check_room(self, n_bytes: int, what: str) -> None:
         if n_bytes < 0 or self._pos + n_bytes > self.size:
-            raise ValueError(f"{self.path} is truncated or corrupt: {what} needs {n_bytes} bytes at offset "
+            raise GGUFError(f"{self.path} is truncated or corrupt: {what} needs {n_bytes} bytes at offset "
                              f"{self._pos}, the file has {self.size}")
 
     def _string(self) -> str:
@@ -297,14 +301,14 @@ class _Header:
             if itype == _ARRAY:
                 return [self._value(_ARRAY) for _ in range(count)]
             if itype not in _NUMPY_TYPES:
-                raise ValueError(f"{self.path}: unknown GGUF array item type {itype}")
+                raise GGUFError(f"{self.path}: unknown GGUF array item type {itype}")
             dt = np.dtype(_NUMPY_TYPES[itype])
             self._check_room(count * dt.itemsize, f"an array of {count} values")
             arr = np.frombuffer(self._mm, dtype=dt, count=count, offset=self._pos)
             self._pos += count * dt.itemsize
             return arr.astype(bool).tolist() if itype == _BOOL else arr.tolist()
         if vtype not in _SCALAR_FORMATS:
-            raise ValueError(f"{self.path}: unknown GGUF value type {vtype} (corrupt file?)")
+            raise GGUFError(f"{self.path}: unknown GGUF value type {vtype} (corrupt file?)")
         value = self._take(_SCALAR_FORMATS[vtype])
         if vtype == _FLOAT32:
             return float(str(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
@@ -315,13 +319,13 @@ class _Header:
 
         self._pos = 0
         if self._mm[:4] != b"GGUF":
-            raise ValueError(f"{self.path} is not a GGUF file (magic {bytes(self._mm[:4])!r}, expected b'GGUF')")
+            raise GGUFError(f"{self.path} is not a GGUF file (magic {bytes(self._mm[:4])!r}, expected b'GGUF')")
         self._pos = 4
         self.version = self._take("<I")
         if self.version not in (2, 3):
             swapped = int.from_bytes(self.version.to_bytes(4, "little"), "big")
             hint = " (a big-endian file?)" if swapped in (2, 3) else ""
-            raise ValueError(f"{self.path}: unsupported GGUF version {self.version}{hint}; kvjax reads v2 and v3")
+            raise GGUFError(f"{self.path}: unsupported GGUF version {self.version}{hint}; kvjax reads v2 and v3")
         n_tensors, n_kv = self._take("<Q"), self._take("<Q")
         self._check_room(n_kv * 12 + n_tensors * 24, f"{n_kv} metadata entries and {n_tensors} tensor infos")
         self.metadata: dict[str, Any] = {}
@@ -333,7 +337,7 @@ class _Header:
             name = self._string()
             n_dims = self._take("<I")
             if n_dims > 8:
-                raise ValueError(f"{self.path}: tensor {name} claims {n_dims} dimensions (corrupt file?)")
+                raise GGUFError(f"{self.path}: tensor {name} claims {n_dims} dimensions (corrupt file?)")
             dims = [self._take("<Q") for _ in range(n_dims)]
             raw_tensors.append((name, dims, self._take("<I"), self._take("<Q")))
         align = int(self.metadata.get("general.alignment", 32))
@@ -343,15 +347,15 @@ class _Header:
             try:
                 block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(gtype)]
             except (ValueError, KeyError):
-                raise ValueError(f"{self.path}: tensor {name} has unknown GGML type {gtype}") from None
+                raise GGUFError(f"{self.path}: tensor {name} has unknown GGML type {gtype}") from None
             n_elems = int(np.prod(dims, dtype=np.int64)) if dims else 1
             if dims and dims[0] % block:
-                raise ValueError(f"{self.path}: tensor {name} row length {dims[0]} is not a multiple of the "
+                raise GGUFError(f"{self.path}: tensor {name} row length {dims[0]} is not a multiple of the "
                                  f"block size {block} of its type")
             n_bytes = n_elems // block * type_size
             start = data_start + offset
             if start + n_bytes > self.size:
-                raise ValueError(f"{self.path} is truncated: tensor {name} ends at byte {start + n_bytes}, "
+                raise GGUFError(f"{self.path} is truncated: tensor {name} ends at byte {start + n_bytes}, "
                                  f"the file has {self.size} bytes")
             self.tensors.append(GGUFTensorInfo(name, tuple(int(d) for d in reversed(dims)), gtype, start, n_bytes))
 
@@ -401,7 +405,7 @@ def _read_tensor(path: str, mm: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
         raise UnsupportedConfigError(f"{path}: tensor {info.name} has GGML type {qtype.name}, which gguf cannot "
                                      f"dequantize: {e}") from e
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: cannot dequantize tensor {info.name} ({qtype.name}): {e}") from e
+        raise GGUFError(f"{path}: cannot dequantize tensor {info.name} ({qtype.name}): {e}") from e
     return out.reshape(info.shape)
 
 
@@ -431,7 +435,7 @@ def _hf_config_dict(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ..
         full = f"{arch}.{key}"
         if full not in meta:
             if required:
-                raise ValueError(f"{path}: GGUF metadata lacks {full}")
+                raise GGUFError(f"{path}: GGUF metadata lacks {full}")
             return default
         return meta[full]
 
@@ -455,7 +459,7 @@ def _hf_config_dict(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ..
         raise UnsupportedConfigError(f"{path}: partial rotary embeddings (rope.dimension_count={rot}, head_dim="
                                      f"{head_dim}) are not supported")
     if "token_embd.weight" not in tensor_shapes:
-        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+        raise GGUFError(f"{path}: GGUF file has no token_embd.weight tensor")
     vocab = int(tensor_shapes["token_embd.weight"][0])
     raw: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
@@ -611,10 +615,10 @@ def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bo
                       disable=not progress, leave=False):
             name = _kvjax_name(t.name, arch)
             if name in flat:
-                raise ValueError(f"{path}: tensor {t.name} appears twice")
+                raise GGUFError(f"{path}: tensor {t.name} appears twice")
             w = _read_tensor(path, mm, t)
             if not np.isfinite(w).all():
-                raise ValueError(f"{path}: tensor {t.name} holds NaN or inf after dequantization (corrupt file?)")
+                raise GGUFError(f"{path}: tensor {t.name} holds NaN or inf after dequantization (corrupt file?)")
             short = name.rsplit(".", 1)[-1]
             if arch == "llama" and short in ("q", "q_bias"):
                 w = unpermute_qk(w, cfg.num_heads)
@@ -623,7 +627,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bo
             if short in _TRANSPOSED:
                 w = w.T
             if w.shape != expected[name]:
-                raise ValueError(f"{path}: tensor {t.name} has shape {w.shape} in kvjax layout, expected "
+                raise GGUFError(f"{path}: tensor {t.name} has shape {w.shape} in kvjax layout, expected "
                                  f"{expected[name]} from the metadata")
             flat[name] = jnp.asarray(w, dtype=dtype)
             del w
@@ -631,7 +635,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, *, progress: bo
         del mm
     missing = sorted(set(expected) - set(flat))
     if missing:
-        raise ValueError(f"{path} lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:5])}")
+        raise GGUFError(f"{path} lacks {len(missing)} tensor(s) the model needs, e.g. {', '.join(missing[:5])}")
     from kvjax.checkpoints.safetensors import unflatten  # the one params layout of both loaders
 
     return cfg, unflatten(flat, cfg.num_layers)

@@ -46,7 +46,7 @@ class Context:
 def merge_observe(*obs: Observe) -> Observe:
     return Observe(window=max([o.window for o in obs] or [0]), colsum=any(o.colsum for o in obs),
                    inputs=any(o.inputs for o in obs), qmax=any(o.qmax for o in obs),
-                   massive=max([o.massive for o in obs] or [0]))
+                   massive=max([o.massive for o in obs] or [0]), queries=any(o.queries for o in obs))
 
 
 class Method:
@@ -238,7 +238,54 @@ def get_method(name: str, **hparams) -> Method:
     bad = sorted(set(hparams) - valid)
     if bad:
         raise ValueError(f"method {name!r} has no hyper-parameter(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
+    check_hyperparameter_types(cls, hparams)
     return cls(**hparams)
+
+
+def _type_ok(value, hint) -> bool | None:
+    """Whether ``value`` fits the annotation ``hint`` (None: the annotation is not one this check understands)."""
+    import math  # noqa: PLC0415
+    import numbers  # noqa: PLC0415
+    import types  # noqa: PLC0415
+    import typing  # noqa: PLC0415
+
+    if hint is typing.Any:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        answers = [_type_ok(value, h) for h in typing.get_args(hint)]
+        return True if any(a is True for a in answers) else (None if None in answers else False)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and not (isinstance(value, float) and math.isnan(value)))
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple or hint is tuple:
+        return isinstance(value, (tuple, list))
+    return None
+
+
+def check_hyperparameter_types(cls: type, hparams: dict) -> None:
+    """Refuses hyper-parameters whose value does not fit the field's annotation (``budget="abc"``, a float budget,
+    a NaN ratio): one clear error naming the method, the field, the value and the expected type."""
+    import typing  # noqa: PLC0415
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 (annotations this check cannot resolve are left to the method's own checks)
+        return
+    for k, v in hparams.items():
+        hint = hints.get(k)
+        if hint is None or _type_ok(v, hint) is not False:
+            continue
+        want = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        raise ValueError(f"method {cls.name!r}: {k}={v!r} is not a valid {want}{' (NaN)' if v != v else ''}")
 
 
 def _import_all() -> None:

@@ -55,12 +55,14 @@ def sink_mask(layer: DenseKV, n_sink: int) -> jax.Array:
     return (layer.pos >= 0) & (layer.pos < n_sink)
 
 
-def select_keep(scores: jax.Array, valid: jax.Array, budget: int, force: jax.Array | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+def select_keep(scores: jax.Array, valid: jax.Array, budget: int, force: jax.Array | None = None,
+                limit: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Top-``budget`` slots per head, returned in temporal (slot) order.
 
     Returns ``idx`` ``(B, Hkv, K)`` with ``K = min(budget, S)`` and ``keep`` (bool, False where fewer than ``K``
-    valid slots exist). Forced slots win over any score.
+    valid slots exist). Forced slots win over any score. ``limit`` (``(B,)`` or ``(B, Hkv)`` ints ``<= budget``)
+    keeps only the best ``limit`` slots of a row / head: per-row budgets (from each row's own prompt length) under
+    one static shape.
     """
     s = jnp.where(valid, scores.astype(jnp.float32), -BIG)
     if force is not None:
@@ -68,6 +70,10 @@ def select_keep(scores: jax.Array, valid: jax.Array, budget: int, force: jax.Arr
     k = min(budget, s.shape[-1])
     top_s, top_i = jax.lax.top_k(s, k)
     keep = top_s > -BIG
+    if limit is not None:
+        limit = jnp.asarray(limit, jnp.int32)
+        limit = limit.reshape(limit.shape + (1,) * (keep.ndim - limit.ndim))
+        keep &= jnp.arange(k, dtype=jnp.int32) < limit  # top_k is sorted: the first `limit` are the best
     # Temporal order with the kept slots first: sort by (not kept, slot index).
     order_key = jnp.where(keep, top_i, s.shape[-1] + top_i)
     perm = jnp.argsort(order_key, axis=-1)

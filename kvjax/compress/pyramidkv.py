@@ -10,7 +10,9 @@ keep the total. Every layer also keeps its whole observation window.
 
 Defaults follow the authors' code (Zefan-Cai/PyramidKV, ``run_longbench.py``): ``beta = 20``, window 8, pooling
 kernel 7, max pooling, a budget of 512 tokens per layer. As there, a prompt no longer than the budget is kept whole and
-a prompt shorter than ``2 (B - w)`` tokens gets the uniform SnapKV budget. Deviations: the layer budgets are computed
+a prompt shorter than ``2 (B - w)`` tokens gets the uniform SnapKV budget. The schedule is computed from each row's
+own prompt length (the valid tokens its cache holds), so a row left-padded in a batch keeps exactly what it keeps
+alone; each layer's storage is sized for the longest row. Deviations: the layer budgets are computed
 in exact arithmetic and rounded by largest remainder so that the total is exactly the uniform one (the reference
 floors the step, which over-allocates up to ``L (L - 1) / 2`` tokens in all); layers are ranked among global layers
 (sliding-window layers are left alone); with GQA the votes of the query heads sharing a KV head are averaged.
@@ -22,8 +24,10 @@ run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
+import jax.numpy as jnp
 import numpy as np
 
 from kvjax.compress.base import Context, check_positive, register
@@ -48,6 +52,15 @@ def pyramid_budgets(budget: int, window: int, beta: float, num_layers: int, prom
     return [int(p) + window for p in prefix]
 
 
+@functools.lru_cache(maxsize=64)
+def budget_table(budget: int, window: int, beta: float, num_layers: int, max_len: int) -> np.ndarray:
+    """``(n + 1, num_layers)`` int32: row ``p`` holds :func:`pyramid_budgets` for a prompt of ``p`` tokens, for
+    ``p <= n = min(max_len, 2 budget + 1)`` (longer prompts get row ``n``: past ``2 (budget - window) + window`` the
+    schedule no longer depends on the length)."""
+    n = min(max_len, 2 * budget + 1)
+    return np.asarray([pyramid_budgets(budget, window, beta, num_layers, p) for p in range(n + 1)], np.int32)
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class PyramidKV(SnapKV):
@@ -68,17 +81,29 @@ class PyramidKV(SnapKV):
                              f"got {self.beta}")
 
     def layer_budgets(self, state) -> dict[int, int]:
-        """Budget of every global layer index (static: depends only on shapes)."""
+        """Slots every global layer index needs after prefill: the largest budget any row of the state can get
+        (static: depends only on shapes). Each row's own budgets are :meth:`row_budgets`."""
         idx = [i for i, layer in enumerate(state.layers) if not layer.window]
         prompt = max((state.layers[i].capacity for i in idx), default=0)
-        return dict(zip(idx, pyramid_budgets(self.budget, self.window, self.beta, len(idx), prompt)))
+        table = budget_table(self.budget, self.window, self.beta, len(idx), prompt)
+        return dict(zip(idx, table.max(axis=0).tolist()))
+
+    def row_budgets(self, state) -> jnp.ndarray:
+        """``(B, L_global)`` budgets from each row's prompt length (valid tokens of its first global layer)."""
+        idx = [i for i, layer in enumerate(state.layers) if not layer.window]
+        layer = state.layers[idx[0]]
+        table = budget_table(self.budget, self.window, self.beta, len(idx), layer.capacity)
+        n = jnp.max(jnp.sum(layer.valid, axis=-1, dtype=jnp.int32), axis=1)  # (B,)
+        return jnp.asarray(table)[jnp.minimum(n, table.shape[0] - 1)]
 
     def prefill(self, state, obs, ctx: Context):
         budgets = self.layer_budgets(state)
+        rows = self.row_budgets(state)
+        which = {i: g for g, i in enumerate(sorted(budgets))}
 
         def one(i, layer, o):
             score, protect = self.scores(layer, o, state.next_pos)
-            idx, keep = select_keep(score, layer.valid, budgets[i], protect)
+            idx, keep = select_keep(score, layer.valid, budgets[i], protect, limit=rows[:, which[i]])
             return gather_layer(layer, idx, keep, ctx.decode_room), gather_obs(o, idx, keep, ctx.decode_room)
 
         return map_global_layers(state, obs, one, per_layer=True)

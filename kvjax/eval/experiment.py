@@ -48,7 +48,10 @@ def validate(config) -> tuple[list[harness.Variant], dict]:
     """Checks the config without loading the model; returns the method variants and the task specs."""
     from kvjax.pretrained import EMBEDDED
 
+    from kvjax.eval.checks import check_experiment  # noqa: PLC0415
+
     c = _to_dict(config)
+    check_experiment(c)  # typed fields: counts, lengths, depths, sweeps (one line naming the field)
     name = c["model"]["name"]
     if name not in EMBEDDED and not os.path.exists(name):
         raise ConfigError(f"model.name={name!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor an existing "
@@ -187,6 +190,10 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
     from kvjax.pretrained import load_pretrained
 
     lm = load_pretrained(c["model"]["name"], c["model"].get("dtype", "float32"), progress=progress)
+    if lm.tokenizer is None:
+        raise ConfigError(f"model.name={c['model']['name']!r} has no tokenizer (kvjax reads tokenizers from GGUF "
+                          "files and its embedded models, not from checkpoint directories), but the tasks and the "
+                          "perplexity corpus need one")
     if c.get("mesh"):  # shard the model and every KV state over this process's local devices
         from kvjax import sharding
 

@@ -134,6 +134,9 @@ def expand_methods(methods_cfg: dict[str, dict]) -> list[Variant]:
         raw = dict(raw or {})
         name = raw.pop("name", key)
         sweep_keys = [k for k, v in raw.items() if isinstance(v, (list, tuple)) and k != "chain"]
+        empty = [k for k in sweep_keys if not raw[k]]
+        if empty:
+            raise ValueError(f"methods.{key}.{empty[0]}=(): an empty sweep runs nothing; give at least one value")
         raw = {k: (dict(v) if hasattr(v, "items") else v) for k, v in raw.items()}
         points: list[dict] = [{}]
         for k in sweep_keys:
