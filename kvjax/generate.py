@@ -150,6 +150,7 @@ def generate(model: Model, params, prompt: jax.Array, state: KVState | None = No
                     raise ValueError(f"positions past capacity: layer {i} has {layer.capacity} slots but prompt + "
                                      f"{max_new_tokens} new tokens need {need}")
     else:
+        model.check_tokens(prompt)
         model.check_inputs(prompt, model.init_state(prompt.shape[0], prompt.shape[1]), prompt_mask)
     logits, state = prefill_compressed(model, params, prompt, method=method, prompt_mask=prompt_mask,
                                        decode_room=max_new_tokens, state=state)

@@ -78,8 +78,9 @@ class Model:
 
         return sharding.shard_params(params, self.mesh, self.cfg)
 
-    def check_inputs(self, tokens, state: KVState, token_mask=None) -> None:
-        """Raises a clear error for malformed tokens, masks, or a chunk that does not fit in the cache."""
+    @staticmethod
+    def check_tokens(tokens) -> None:
+        """Raises a clear error unless ``tokens`` is a 2-D integer array with at least one time step."""
         if not hasattr(tokens, "ndim") or not hasattr(tokens, "dtype"):
             raise TypeError(f"tokens must be a 2-D (batch, time) integer jax or numpy array, got a "
                             f"{type(tokens).__name__} (wrap it: jnp.asarray(tokens, jnp.int32))")
@@ -90,10 +91,22 @@ class Model:
         b, t = tokens.shape
         if t == 0:
             raise ValueError("tokens has no time steps")
+
+    def check_inputs(self, tokens, state: KVState, token_mask=None) -> None:
+        """Raises a clear error for malformed tokens, masks, or a chunk that does not fit in the cache."""
+        self.check_tokens(tokens)
+        b, t = tokens.shape
         if b != state.batch_size:
             raise ValueError(f"tokens have batch {b} but the KV state was made for batch {state.batch_size}")
         if len(state.layers) != self.cfg.num_layers:
             raise ValueError(f"KV state has {len(state.layers)} layers, the model {self.cfg.num_layers}")
+        for i, layer in enumerate(state.layers):  # a state of another model (a loaded one) fails here, not in XLA
+            if type(layer).__name__ != "DenseKV":  # other classes hold head subsets or pruned channels by design
+                continue
+            heads, dim = layer.k.shape[1], layer.k.shape[3]
+            if heads != self.cfg.num_kv_heads or dim != self.cfg.head_dim:
+                raise ValueError(f"KV state layer {i} has {heads} KV heads of dim {dim}, the model "
+                                 f"{self.cfg.num_kv_heads} of dim {self.cfg.head_dim}: a state made for another model")
         if token_mask is not None and tuple(getattr(token_mask, "shape", ())) != (b, t):
             raise ValueError(f"token_mask shape {tuple(getattr(token_mask, 'shape', ()))} != tokens shape {(b, t)}")
         if token_mask is not None and _concrete(token_mask):

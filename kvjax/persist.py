@@ -312,6 +312,11 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
     arrays: list = []
     names: list = []
     skeleton = _skeleton(state, arrays, names)
+    for name, x in zip(names, arrays):  # refuse before writing anything: a dtype jnp cannot hold would change
+        dt = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+        if jnp.asarray(np.zeros((0,), dt)).dtype != dt:
+            raise TypeError(f"cannot save {name or 'an array'} of dtype {dt}: it would load as "
+                            f"{jnp.asarray(np.zeros((0,), dt)).dtype} (jax_enable_x64 is off); cast it first")
     if os.path.isdir(path) and os.listdir(path):
         if os.path.exists(os.path.join(path, META_FILE)):
             read_meta(path)  # overwrite only a previous kvjax KV state
@@ -378,12 +383,41 @@ def read_meta(path: str) -> dict:
             info = json.load(f)
         except json.JSONDecodeError as e:
             raise StateFileError(f"corrupt {fn}: {e}") from e
-    if info.get("format") != FORMAT:
-        raise StateFileError(f"{path!r} is not a kvjax KV state (format {info.get('format')!r})")
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise StateFileError(f"{path!r} is not a kvjax KV state (format "
+                             f"{info.get('format') if isinstance(info, dict) else info!r})")
+    _check_meta_fields(info, fn)
     if info.get("format_version", 0) > FORMAT_VERSION:
         raise StateFileError(f"{path!r} was written by a newer kvjax (format {info['format_version']}); "
                              f"this version reads format <= {FORMAT_VERSION}")
     return info
+
+
+def _check_meta_fields(info: dict, fn: str) -> None:
+    """Every field ``load_state`` reads is present with its type (a clear error naming the field otherwise)."""
+    def need(d, key, types, where):
+        if key not in d:
+            raise StateFileError(f"corrupt {fn}: field {where}{key!r} is missing")
+        if not isinstance(d[key], types) or isinstance(d[key], bool):
+            raise StateFileError(f"corrupt {fn}: field {where}{key!r} is {d[key]!r}, expected "
+                                 f"{' or '.join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))}")
+
+    need(info, "format_version", int, "")
+    need(info, "arrays", list, "")
+    need(info, "skeleton", (dict, list), "")
+    if "arrays_dir" in info:
+        need(info, "arrays_dir", str, "")
+    for i, a in enumerate(info["arrays"]):
+        if not isinstance(a, dict):
+            raise StateFileError(f"corrupt {fn}: arrays[{i}] is {a!r}, expected an object")
+        need(a, "shape", list, f"arrays[{i}].")
+        need(a, "dtype", str, f"arrays[{i}].")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in a["shape"]):
+            raise StateFileError(f"corrupt {fn}: arrays[{i}].shape={a['shape']!r} is not a list of sizes")
+        try:
+            np.dtype(a["dtype"])
+        except TypeError:
+            raise StateFileError(f"corrupt {fn}: arrays[{i}].dtype={a['dtype']!r} is not a dtype") from None
 
 
 def _config_diff(saved: dict | None, cfg) -> str:

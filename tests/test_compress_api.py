@@ -439,15 +439,25 @@ def _forced_decode(model, method, ctx, params, state, tokens):
 def cache_contents(state) -> list:
     """Per layer: per row and head, ``{position: (key, value)}`` of what the cache holds (dequantized for packed
     layers; None for a layer class without ``dense()``)."""
+    def views(layer):  # (pos, k, v) of the layer, or of its parts when it has no single dense view (DuoAttention)
+        try:
+            return [(layer.pos, *layer.dense())]
+        except NotImplementedError:
+            parts = [getattr(layer, f.name) for f in dataclasses.fields(layer)]
+            return [v for p in parts if hasattr(p, "dense") and hasattr(p, "pos") for v in views(p)]
+
     out = []
     for layer in state.layers:
         if not (hasattr(layer, "dense") and hasattr(layer, "pos")):
             out.append(None)
             continue
-        k, v = (np.asarray(x, np.float32) for x in layer.dense())
-        pos = np.asarray(layer.pos)
-        out.append([[{int(p): (k[b, h, s], v[b, h, s]) for s, p in enumerate(pos[b, h]) if p >= 0}
-                     for h in range(pos.shape[1])] for b in range(pos.shape[0])])
+        rows = None
+        for pos, k, v in views(layer):
+            pos, k, v = np.asarray(pos), np.asarray(k, np.float32), np.asarray(v, np.float32)
+            part = [[{int(p): (k[b, h, s], v[b, h, s]) for s, p in enumerate(pos[b, h]) if p >= 0}
+                     for h in range(pos.shape[1])] for b in range(pos.shape[0])]
+            rows = part if rows is None else [r + q for r, q in zip(rows, part)]
+        out.append(rows)
     return out
 
 
