@@ -440,6 +440,16 @@ def cache_contents(state) -> list:
     """Per layer: per row and head, ``{position: (key, value)}`` of what the cache holds (dequantized for packed
     layers; None for a layer class without ``dense()``)."""
     def views(layer):  # (pos, k, v) of the layer, or of its parts when it has no single dense view (DuoAttention)
+        if hasattr(layer, "offsets"):  # ragged (flat) storage: head h owns flat slots [offsets[h], offsets[h + 1])
+            off, pos, k, v = (np.asarray(x) for x in (layer.offsets, layer.pos, layer.k, layer.v))
+            b, h = off.shape[0], off.shape[1] - 1
+            seg = [[range(off[i, j], off[i, j + 1]) for j in range(h)] for i in range(b)]
+            width = max(len(r) for row in seg for r in row)
+            idx = np.asarray([[list(r) + [r.start] * (width - len(r)) for r in row] for row in seg])  # (B, H, W)
+            ok = np.asarray([[[s < len(r) for s in range(width)] for r in row] for row in seg])
+            take = lambda x: np.take_along_axis(x, idx.reshape((b, -1) + (1,) * (x.ndim - 2)), axis=1).reshape(  # noqa
+                b, h, width, *x.shape[2:])
+            return [(np.where(ok, take(pos), -1), take(k), take(v))]
         try:
             return [(layer.pos, *layer.dense())]
         except NotImplementedError:
