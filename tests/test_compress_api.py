@@ -409,7 +409,7 @@ BATCH_METHODS = {
     "pyramidkv": lambda: FACTORIES["pyramidkv"](9),
     "kivi": lambda: get_method("kivi", bits=2, group=4, residual=4),
     "gear": lambda: get_method("gear", buffer=4),
-    "mikv": lambda: get_method("mikv", residual=4, window=W),
+    "mikv": lambda: get_method("mikv", window=W),
     "duo_attention": _duo,
 }
 
