@@ -222,7 +222,7 @@ import sys, numpy as np
 from kvjax import persist
 path = sys.argv[1]
 rng = np.random.default_rng(0)
-states = [{"k": rng.normal(size=(4, 8, 256, 64)).astype(np.float32) + i, "pos": np.arange(256 * 4) + i} for i in (0, 1)]
+states = [{"k": rng.normal(size=(4, 8, 256, 64)).astype(np.float32) + i, "pos": (np.arange(256 * 4) + i).astype(np.int32)} for i in (0, 1)]
 persist.save_state(path, states[0], chunk_tokens=32)
 print("saved", flush=True)
 i = 1
