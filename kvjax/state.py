@@ -19,6 +19,7 @@ Every function here is pure: it returns a new state.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Protocol, runtime_checkable
 
@@ -327,6 +328,35 @@ def as_dense_layer(layer, strict: bool = True):
 _to_dense = jax.jit(lambda layer: layer.to_dense(strict=False))
 
 
+def bind_shared(layer: Any, done: Any) -> Any:
+    """``layer`` with the parts it shares with an earlier layer attached (cross-layer caches: xKV's token-side
+    factors, MiniCache's merged directions live once, in the group's first layer). A layer that shares declares
+    ``owner`` (a static layer index) and ``bind(owner_layer)`` / ``unbind()``; ``done`` are the layers before it (the
+    model's loop passes the layers it has already run). Any other layer is returned unchanged."""
+    owner = getattr(layer, "owner", -1)
+    if owner < 0:
+        return layer
+    if owner >= len(done):
+        raise ValueError(f"layer shares the parts of layer {owner}, which does not come before it")
+    return layer.bind(done[owner])
+
+
+def unbind_shared(layer: Any) -> Any:
+    """Inverse of :func:`bind_shared`: drops the shared parts again, so the state holds them once."""
+    return layer.unbind() if getattr(layer, "owner", -1) >= 0 else layer
+
+
+def bound_layers(layers) -> tuple:
+    """Every layer with its shared parts attached (for inspection and tests: ``dense()`` of a layer that shares
+    another layer's factors needs them). The bytes of the state are those of ``layers``, not of this view."""
+    if isinstance(layers, KVState):
+        layers = layers.layers
+    if isinstance(layers, StackedLayers):
+        return layers.unstack()
+    layers = tuple(layers)
+    return tuple(bind_shared(layer, layers) for layer in layers)
+
+
 @struct.dataclass
 class KVState:
     """The whole model's KV state (see module docstring)."""
@@ -488,6 +518,20 @@ def nbytes(tree: Any) -> int:
     return total
 
 
+def _sub_caches(layer: Any) -> list:
+    """The fields of a composite layer class that are themselves :class:`DenseKV` / :class:`RaggedKV` caches."""
+    if isinstance(layer, (DenseKV, RaggedKV)) or not dataclasses.is_dataclass(layer):
+        return []
+    return [getattr(layer, f.name) for f in dataclasses.fields(layer)
+            if isinstance(getattr(layer, f.name), (DenseKV, RaggedKV))]
+
+
+def _array_fields(layer: Any) -> list[str]:
+    """The names of a composite layer's pytree fields that are not sub-caches."""
+    return [f.name for f in dataclasses.fields(layer) if f.metadata.get("pytree_node", True)
+            and not isinstance(getattr(layer, f.name), (DenseKV, RaggedKV))]
+
+
 def kv_nbytes(tree: Any) -> int:
     """Bytes of the key/value payload alone (plus quantization scales, factors), excluding bookkeeping.
 
@@ -511,6 +555,9 @@ def valid_nbytes(tree: Any) -> int:
     total = 0
 
     def layer_bytes(layer) -> int:
+        subs = _sub_caches(layer)
+        if subs:  # a layer made of caches (ThinK's pruned + recent parts, xKV's decode buffer): each counted alone
+            return sum(layer_bytes(x) for x in subs) + nbytes([getattr(layer, f) for f in _array_fields(layer)])
         pos = getattr(layer, "pos", None)
         if pos is None or getattr(pos, "ndim", 0) < 2:
             return nbytes(layer)

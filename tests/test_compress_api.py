@@ -24,7 +24,7 @@ from kvjax.compress import Context, available_methods, chain, get_method
 from kvjax.compress.locret import RetainingHeads, init_heads
 from kvjax.config import ModelConfig
 from kvjax.generate import _apply_prefill, decode_hook, prefill_compressed, stack_for_loop, unstack_after_loop
-from kvjax.state import DenseKV, KVState, as_dense_layer
+from kvjax.state import DenseKV, KVState, as_dense_layer, bound_layers
 
 B, HQ, HKV, D, L = 2, 4, 2, 8, 2
 W = 3  # observation window of every window-based factory (one compiled prefill forward for all)
@@ -457,7 +457,7 @@ def cache_contents(state) -> list:
             return [v for p in parts if hasattr(p, "dense") and hasattr(p, "pos") for v in views(p)]
 
     out = []
-    for layer in state.layers:
+    for layer in bound_layers(state):  # cross-layer caches (xKV) with their group's shared factors attached
         if not (hasattr(layer, "dense") and hasattr(layer, "pos")):
             out.append(None)
             continue

@@ -111,7 +111,7 @@ class Chain(Method):
             if m.needs_dense and left not in ("dense", "ragged"):  # ragged float layers convert exactly to dense
                 raise ValueError(f"{m.name} needs a dense (float) cache but runs after a method that leaves a {left} "
                                  f"cache; put {m.name} before it in the chain")
-            later = [n.kind for n in self.methods[j + 1:] if n.kind in ("ragged", "channel")]
+            later = [n.kind for n in self.methods[j + 1:] if n.kind in ("ragged", "channel", "crosslayer")]
             if m.has_decode() and m.needs_dense and later:
                 raise ValueError(f"{m.name} evicts during decoding from dense caches but a later method of the chain "
                                  f"leaves {later[0]} ones; put {m.name} after it")

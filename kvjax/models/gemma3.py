@@ -39,7 +39,7 @@ from kvjax.config import ModelConfig
 from kvjax.models.llama import attention_block, lm_logits, massive_positions, rms_norm, rope_frequencies, \
     token_positions
 from kvjax.rope import inv_frequencies
-from kvjax.state import KVState
+from kvjax.state import KVState, bind_shared, unbind_shared
 
 
 def is_local(cfg: ModelConfig, layer: int) -> bool:
@@ -75,7 +75,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, t
     new_layers, all_obs = [], []
     for i, p in enumerate(params["layers"]):
         h = rms_norm(x, p["attn_norm"], eps)
-        a, layer, obs = attention_block(cfg, p, h, state.layers[i], pos, rope_pos,
+        a, layer, obs = attention_block(cfg, p, h, bind_shared(state.layers[i], new_layers), pos, rope_pos,
                                         inv_local if is_local(cfg, i) else inv_global, observe=observe, impl=impl,
                                         qk_norm=qk_norm(p), sm_scale=sm_scale)
         if observe.massive:
@@ -84,7 +84,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, t
         h = rms_norm(x, p["mlp_norm"], eps)
         m = (_gelu(h @ p["gate"], cfg.hidden_act) * (h @ p["up"])) @ p["down"]
         x = x + rms_norm(m, p["post_mlp_norm"], eps)
-        new_layers.append(layer)
+        new_layers.append(unbind_shared(layer))
         all_obs.append(obs)
     new_state = state.replace(layers=tuple(new_layers),
                               next_pos=state.next_pos + jnp.sum(token_mask, axis=1, dtype=jnp.int32))

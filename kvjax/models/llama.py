@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from kvjax.attention import Observe, attend
 from kvjax.config import ModelConfig
 from kvjax.rope import apply_rope, dynamic_inv_frequencies, inv_frequencies
-from kvjax.state import KVState, StackedLayers, pad_stack, resize_obs, stack_layers, stackable, unpad_unstack
+from kvjax.state import (KVState, StackedLayers, bind_shared, pad_stack, resize_obs, stack_layers, stackable,
+                          unbind_shared, unpad_unstack)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -150,8 +151,8 @@ def run_layers(layer_fn, x, param_layers, cache_layers):
         return x, layers, obs
     new_layers, all_obs = [], []
     for p, layer in zip(param_layers, cache_layers):
-        x, layer, obs = layer_fn(x, p, layer)
-        new_layers.append(layer)
+        x, layer, obs = layer_fn(x, p, bind_shared(layer, new_layers))  # cross-layer caches: shared parts attached
+        new_layers.append(unbind_shared(layer))
         all_obs.append(obs)
     return x, tuple(new_layers), tuple(all_obs)
 
