@@ -411,6 +411,8 @@ BATCH_METHODS = {
     "gear": lambda: get_method("gear", buffer=4),
     "mikv": lambda: get_method("mikv", window=W, group=4),
     "duo_attention": _duo,
+    "minicache": lambda: get_method("minicache", start_layer=0),  # the tiny model's 2 layers are one pair
+    "xkv": lambda: get_method("xkv", group_size=2, rank_k=3, rank_v=5),
 }
 
 
