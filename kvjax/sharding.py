@@ -115,6 +115,13 @@ def make_mesh(spec: str | MeshSpec | dict, devices=None) -> Mesh:
     return Mesh(arr, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
+def data_submeshes(mesh: Mesh) -> list[Mesh]:
+    """One mesh per index of ``mesh``'s ``data`` axis, each with ``data:1`` and the same ``model`` / ``sequence``
+    layout: the data-parallel groups an experiment deals its one-prompt generation cells to."""
+    return [Mesh(mesh.devices[i:i + 1], AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+            for i in range(int(mesh.shape["data"]))]
+
+
 def mesh_spec(mesh: Mesh) -> MeshSpec:
     return MeshSpec(**{a: int(mesh.shape.get(a, 1)) for a in AXES})
 

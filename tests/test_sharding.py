@@ -58,7 +58,7 @@ def test_experiment_mesh_config_errors(tmp_path):
     from kvjax.eval.experiment import ConfigError, validate
 
     for mesh, msg in [("sequence:2", "mesh='sequence:2': method 'kivi' leaves a quantized cache"),
-                      ("data:2", "data:2 does not divide the batch of generation cells"),
+                      ("data:3", "data:3 does not divide the batch of 2 sequences"),
                       ("sequence:64", "needs 64 devices but only"), ("modle:2", "axis 'modle' is unknown")]:
         c = tiny.get_config()
         c.run_dir = str(tmp_path / "out")

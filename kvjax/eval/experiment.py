@@ -17,7 +17,9 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -98,8 +100,9 @@ def validate(config) -> tuple[list[harness.Variant], dict]:
 
 def validate_mesh_config(c: dict, variants, tasks) -> None:
     """``config.mesh`` (e.g. ``"model:2,sequence:4"``): parsed, checked against the local devices, the methods (a
-    sequence axis needs dense caches) and the batches (generation cells hold one prompt each; the perplexity cell
-    ``n_segments``), all before the model is loaded. The model's heads are checked once it is loaded."""
+    sequence axis needs dense caches) and the perplexity batch (``n_segments`` over ``data``), all before the model is
+    loaded. Generation cells hold one prompt each: with ``data:n`` they are dealt to the ``n`` data-parallel groups
+    (see :func:`_run`). The model's heads are checked once it is loaded."""
     from kvjax import sharding
 
     try:
@@ -110,10 +113,6 @@ def validate_mesh_config(c: dict, variants, tasks) -> None:
             for v in variants:
                 if not v.is_full:
                     sharding.check_sequence_method(v.method)
-        if tasks and spec.data > 1:
-            raise sharding.ShardingError(
-                f"mesh axis data:{spec.data} does not divide the batch of generation cells (1 prompt each); "
-                "use data:1 for task cells (the model and sequence axes shard them)")
         ppl = c.get("perplexity", {})
         if ppl.get("enabled"):
             sharding.validate_mesh(spec, batch=int(ppl["n_segments"]))
@@ -203,6 +202,7 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
         except sharding.ShardingError as e:
             raise ConfigError(f"mesh={c['mesh']!r}: {e}") from None
         lm.params = lm.model.shard_params(lm.params)
+    lanes = _data_lanes(lm)
     p_index, p_count = distributed.process_layout()
     style = c.get("prompt_style", "auto")
     style = lm.prompt_style if style == "auto" else style
@@ -259,35 +259,51 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
     for i, (unit, _) in enumerate(todo):
         shape_groups.setdefault(("ppl",) if unit[0] == "ppl" else ("gen", unit[1].context_tokens), []).append(i)
     f = rundir.open_for_append(results_path) if (writer or p_count > 1) else None
-    try:
-        for members in shape_groups.values():
-            prefilled = {}
+    lock = threading.Lock()  # data-parallel lanes write rows, results and the bar from their own threads
+
+    def run_members(lane, members: list[int], sync: threading.Barrier | None) -> None:
+        prefilled = {}
+        for i in members:
+            unit = todo[i][0]
+            bar.set_postfix_str("prefill " + _where(unit))
+            same = next((j for j in prefilled if todo[j][0][0] == "ppl"), None) if unit[0] == "ppl" else None
+            prefilled[i] = prefilled[same] if same is not None else \
+                _prefill(lane, unit, variants, ppl, segments, precompile)  # perplexity settings share one prefill
+            if unit[0] == "ppl" and full is not None:
+                _, ppl_ref[unit[2]] = harness.run_perplexity_cell(lane, full, segments, int(ppl["context_tokens"]),
+                                                                  unit[2], None, prefilled[i], precompile)
+        for v in ordered:
             for i in members:
-                unit = todo[i][0]
-                bar.set_postfix_str("prefill " + _where(unit))
-                same = next((j for j in prefilled if todo[j][0][0] == "ppl"), None) if unit[0] == "ppl" else None
-                prefilled[i] = prefilled[same] if same is not None else \
-                    _prefill(lm, unit, variants, ppl, segments, precompile)  # perplexity settings share one prefill
-                if unit[0] == "ppl" and full is not None:
-                    _, ppl_ref[unit[2]] = harness.run_perplexity_cell(lm, full, segments, int(ppl["context_tokens"]),
-                                                                      unit[2], None, prefilled[i], precompile)
-            for v in ordered:
-                for i in members:
-                    unit, vs = todo[i]
-                    if v not in vs:
-                        continue
-                    bar.set_postfix_str(f"{v.label} {_where(unit)}")
-                    row = _run_cell(lm, unit, v, ppl, segments, ppl_ref, prefilled[i], precompile)
-                    k = (unit_index[id(unit)], v.label)
-                    row.update(key=_key(unit, v), cell_id=ids[k], cell=cells[k], label=v.label, method=v.method.name,
-                               method_desc=v.method.describe(), warm=precompile, model=lm.name, time=time.time(),
-                               **_memory())
+                unit, vs = todo[i]
+                if v not in vs:
+                    continue
+                bar.set_postfix_str(f"{v.label} {_where(unit)}")
+                row = _run_cell(lane, unit, v, ppl, segments, ppl_ref, prefilled[i], precompile)
+                k = (unit_index[id(unit)], v.label)
+                row.update(key=_key(unit, v), cell_id=ids[k], cell=cells[k], label=v.label, method=v.method.name,
+                           method_desc=v.method.describe(), warm=precompile, model=lm.name, time=time.time(),
+                           **_memory())
+                with lock:
                     by_id[ids[k]] = row
                     if f is not None:
                         rundir.append_row(f, row, default=_json_default)
                     bar.update(1)
+            # Programs are dropped between variants; lanes drop them together (between their timed calls, never
+            # between one lane's compile and its timed call).
+            if sync is None:
                 jax.clear_caches()
-            del prefilled
+            elif sync.wait() == 0:
+                jax.clear_caches()
+                sync.wait()
+            else:
+                sync.wait()
+
+    try:
+        for key, members in shape_groups.items():
+            if key[0] == "gen" and len(lanes) > 1:  # data:n: the prompts of a shape are dealt to the n groups
+                _run_lanes(run_members, lanes, members)
+            else:
+                run_members(lm, members, None)
     finally:
         bar.close()
         if f is not None:
@@ -310,6 +326,43 @@ def _run(c: dict, variants, tasks, run_dir: str, writer: bool, progress: bool) -
               f"plot:    {os.path.join(run_dir, 'quality_vs_bytes.png')}\n"
               f"report:  {os.path.join(run_dir, 'report.md')}")
     return summary
+
+
+def _data_lanes(lm) -> list:
+    """The model once per data-parallel group: with a mesh ``data:n`` (n > 1), ``n`` copies of ``lm``, each on its
+    own ``data:1`` sub-mesh (params replicated to each group, as data parallelism does); otherwise ``[lm]``."""
+    from kvjax import sharding
+
+    if lm.mesh is None or int(lm.mesh.shape["data"]) == 1:
+        return [lm]
+    lanes = []
+    for sub in sharding.data_submeshes(lm.mesh):
+        lane = dataclasses.replace(lm, mesh=sub)
+        lanes.append(dataclasses.replace(lane, params=lane.model.shard_params(lm.params)))
+    return lanes
+
+
+def _run_lanes(run_members, lanes: list, members: list[int]) -> None:
+    """Runs ``members`` (one shape's generation units) dealt round-robin to the data-parallel ``lanes``, one thread
+    each (JAX dispatch is thread-safe; each lane computes on its own devices). The first error of any lane is
+    raised (the others stop at their next barrier)."""
+    shares = [members[g::len(lanes)] for g in range(len(lanes))]
+    sync = threading.Barrier(len(lanes))
+
+    def lane_job(g: int) -> None:
+        try:
+            run_members(lanes[g], shares[g], sync)
+        except BaseException:
+            sync.abort()
+            raise
+
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix="kvjax-data-lane") as ex:
+        futures = [ex.submit(lane_job, g) for g in range(len(lanes))]
+        errors = [fut.exception() for fut in futures]
+    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
+    first = first or next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
 def _record_config(run_dir: str, c: dict) -> None:

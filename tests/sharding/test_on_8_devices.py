@@ -159,3 +159,36 @@ def test_pallas_model_decode_sharded(params, prompt):
     text = jax.jit(lambda p, t, s: model.forward_impl(CFG, p, t[:, None], s, None, impl="pallas")[0]).lower(
         sp, jnp.argmax(lg, -1), st).as_text()
     assert "shard_map" in text or "sdy.manual_computation" in text or "custom_call" in text
+
+
+@pytest.mark.slow
+def test_experiment_data_parallel_equals_single_device(tmp_path):
+    """``--mesh=data:2,model:2``: the generation cells are dealt to 2 data-parallel groups (threads, each on its own
+    ``model:2`` sub-mesh) and the perplexity batch is split over ``data``; every cell's result equals the unsharded
+    run (same predictions, log-probs and bytes)."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
+    import tiny  # noqa: PLC0415
+
+    from kvjax.eval.experiment import run_experiment
+
+    out = {}
+    for mesh in (None, "data:2,model:2"):
+        c = tiny.get_config()
+        c.run_dir = str(tmp_path / str(mesh))
+        c.tasks.passkey.seeds = (0, 1, 2)  # 3 prompts: the groups get 2 and 1
+        if mesh:
+            c.mesh = mesh
+        run_experiment(c, progress=False)
+        with open(os.path.join(c.run_dir, "results.jsonl")) as f:
+            out[mesh] = {r["cell_id"]: r for r in map(json.loads, f)}
+    ref, dp = out[None], out["data:2,model:2"]
+    assert set(ref) == set(dp) and len(ref) == 15
+    for k, r in ref.items():
+        assert dp[k].get("prediction") == r.get("prediction")
+        for field in ("answer_logprob", "perplexity", "kv_bytes_prefill", "kv_valid_bytes_prefill"):
+            if field in r:
+                np.testing.assert_allclose(dp[k][field], r[field], rtol=1e-4, atol=1e-4, err_msg=field)
