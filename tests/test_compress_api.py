@@ -496,10 +496,7 @@ def same_contents(got, ref) -> bool:
 
 
 # Methods that still fail the check, with who fixes them: strict, so the entry must go once the method passes.
-BATCH_DEPENDENT_PENDING = {
-    "mikv": "MiKV rewrite (helper i11q, merged 19:51): decode-phase logits of a left-padded row differ from alone",
-    "gear": "GEAR rewrite (helper i11q, merged 19:51): a left-padded row's compressed cache differs from alone",
-}
+BATCH_DEPENDENT_PENDING: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=BATCH_DEPENDENT_PENDING[n], strict=True))

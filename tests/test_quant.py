@@ -181,7 +181,9 @@ def test_gear_prompt_one_chunk_and_64_token_streaming_match_numpy_reference(prom
             cache = append(cache, layer.k[:, :, t:t + 1], layer.v[:, :, t:t + 1], jnp.full((1, 1), t, jnp.int32))
         kd, vd = (np.asarray(a) for a in jax.jit(lambda c: c.dense())(cache))
         pos = np.asarray(cache.pos)[0]
-        chunks = [(0, 40, sp.prompt_k_each, 4)] + [(s, s + el, sp.k_each, 2) for s in (40, 48)]
+        # outliers: the ratio of the 40 tokens the prompt chunk really holds (not of its 64 static slots)
+        chunks = [(0, 40, sp.outliers(40, d), 4)] + [(s, s + el, sp.k_each, 2) for s in (40, 48)]
+        assert sp.outliers(40, d) < sp.prompt_k_each
         for hh in range(2):
             slot = {int(p): j for j, p in enumerate(pos[hh]) if p >= 0}
             assert sorted(slot) == list(range(total))

@@ -20,6 +20,9 @@ compressed as one chunk with rank ``rank`` (2). These are the authors' current s
 rank ratio ``ρ = 2%`` and ``n_b = 20``. Everything is stored for real (:class:`GearKV`) and counted by
 :func:`kvjax.nbytes`.
 
+Batch independence: each head's valid tokens are compacted (slot order) before chunking and its outlier count is
+``s/2`` of the tokens it really compresses, so a row left-padded in a batch is compressed exactly as alone.
+
 Remaining deviations: the prompt chunk has a static length (the layer's capacity rounded down to whole ``gap``
 blocks) with each head's valid tokens masked, so ragged heads (after eviction) compress only their own tokens;
 outliers are the ``s/2`` extremes of each head's chunk (the reference picks them per channel for keys / per token
@@ -66,6 +69,12 @@ class GearSpec:
     scale_dtype: str = "float16"
     factor_dtype: str = "float16"
 
+    outlier_ratio: float = 0.0
+
+    def outliers(self, tokens: int, head_dim: int) -> int:
+        """Outliers kept at each end (largest / smallest) of a chunk of ``tokens`` tokens: ``s/2`` of its entries."""
+        return max(1, int(self.outlier_ratio / 2 * tokens * head_dim)) if self.outlier_ratio > 0 and tokens else 0
+
     def key_group(self, chunk: int) -> int:
         """Tokens per per-channel key scale in a chunk of ``chunk`` tokens."""
         return chunk if self.quant == "kcvt" else min(self.group, chunk)
@@ -84,13 +93,20 @@ class GearPart:
     lr_b: Array  # (B, H, NB, r, D)
 
 
-def _compress_blocks(x: Array, valid: Array, sp: GearSpec, which: str, rank: int, k_each: int) -> tuple:
-    """``x`` ``(B, H, M, L, D)`` → the GearPart arrays for ``M`` chunks of ``L`` tokens (slot axis ``M * L``)."""
+def _compress_blocks(x: Array, valid: Array, sp: GearSpec, which: str, rank: int, k_each: int,
+                     k_limit: Array | None = None) -> tuple:
+    """``x`` ``(B, H, M, L, D)`` → the GearPart arrays for ``M`` chunks of ``L`` tokens (slot axis ``M * L``).
+
+    ``k_limit`` ``(B, H, M)`` (``<= k_each``): outliers actually kept at each end of each chunk (from the chunk's own
+    valid tokens); the unused outlier slots repeat the first outlier (same index and value: harmless)."""
     b, h, m, el, d = x.shape
     x = x.astype(jnp.float32)
     vtok = jnp.broadcast_to(valid[..., None], x.shape)
     if k_each:
         idx, val = qz.topk_outliers(x, valid, k_each)
+        if k_limit is not None:
+            used = jnp.tile(jnp.arange(k_each, dtype=jnp.int32) < k_limit[..., None], 2)
+            idx, val = jnp.where(used, idx, idx[..., :1]), jnp.where(used, val, val[..., :1])
         flat_mask = jax.vmap(lambda i: jnp.zeros((el * d,), bool).at[i].set(True))(
             idx.reshape(b * h * m, idx.shape[-1]))
         outl = flat_mask.reshape(b, h, m, el, d)
@@ -267,29 +283,38 @@ def gear_dense_layer(layer, sp: GearSpec, room: int = 0) -> tuple[GearKV, Array,
     el, pl = sp.block, sp.prompt_block
     if pl > c or pl % el:
         raise ValueError(f"gear prompt chunk {pl} must be a multiple of the gap {el} within the layer capacity {c}")
-    n = layer.fill
+    # each head's valid tokens first, in slot order: a row left-padded in a batch is chunked exactly as alone
+    slot = jnp.arange(c, dtype=jnp.int32)
+    order = jnp.argsort(jnp.where(layer.valid, slot, c + slot), axis=-1).astype(jnp.int32)
+    n = jnp.sum(layer.valid, axis=-1, dtype=jnp.int32)
+    lk, lv, lpos = gather_slots(layer.k, order), gather_slots(layer.v, order), gather_slots(layer.pos, order)
     q0 = jnp.minimum((n // el) * el, pl)
     j = jnp.arange(pl, dtype=jnp.int32)
     in_q = j < q0[..., None]
-    ps = jnp.where(in_q, layer.pos[..., :pl], -1)
+    ps = jnp.where(in_q, lpos[..., :pl], -1)
     kp = vp = None
     if pl:
         valid = in_q.reshape(b, h, 1, pl)
-        kp = _part_from(_compress_blocks(layer.k[:, :, :pl].reshape(b, h, 1, pl, d), valid, sp, "k",
-                                         sp.prompt_rank, sp.prompt_k_each))
-        vp = _part_from(_compress_blocks(layer.v[:, :, :pl].reshape(b, h, 1, pl, layer.v.shape[-1]), valid, sp, "v",
-                                         sp.prompt_rank, sp.prompt_k_each))
+        # outliers per head from the tokens it really compresses (the ratio of the authors' per-matrix top-k)
+        k_lim = None
+        if sp.prompt_k_each:
+            table = jnp.asarray([sp.outliers(t * el, d) for t in range(pl // el + 1)], jnp.int32)
+            k_lim = table[q0 // el][..., None]
+        kp = _part_from(_compress_blocks(lk[:, :, :pl].reshape(b, h, 1, pl, d), valid, sp, "k",
+                                         sp.prompt_rank, sp.prompt_k_each, k_lim))
+        vp = _part_from(_compress_blocks(lv[:, :, :pl].reshape(b, h, 1, pl, layer.v.shape[-1]), valid, sp, "v",
+                                         sp.prompt_rank, sp.prompt_k_each, k_lim))
     cq = ((el - 1 + room) // el) * el  # buffered prompt tokens + decoded ones, in whole chunks
     kq, vq = _empty_part(b, h, cq, d, sp, "k"), _empty_part(b, h, cq, layer.v.shape[-1], sp, "v")
     ridx = q0[..., None] + jnp.arange(el, dtype=jnp.int32)
     rok = ridx < n[..., None]
-    k_res = jnp.where(rok[..., None], gather_slots(layer.k, ridx), 0).astype(layer.k.dtype)
-    v_res = jnp.where(rok[..., None], gather_slots(layer.v, ridx), 0).astype(layer.v.dtype)
-    rpos = jnp.where(rok, gather_slots(layer.pos, ridx), -1)
+    k_res = jnp.where(rok[..., None], gather_slots(lk, ridx), 0).astype(layer.k.dtype)
+    v_res = jnp.where(rok[..., None], gather_slots(lv, ridx), 0).astype(layer.v.dtype)
+    rpos = jnp.where(rok, gather_slots(lpos, ridx), -1)
     cache = GearKV(kp=kp, vp=vp, k=kq, v=vq, k_res=k_res, v_res=v_res,
                    pos=jnp.concatenate([ps, jnp.full((b, h, cq), -1, jnp.int32), rpos], -1),
                    fill=pl + n - q0, spec=sp, window=int(getattr(layer, "window", 0)))
-    src = jnp.concatenate([jnp.broadcast_to(j, (b, h, pl)), jnp.zeros((b, h, cq), jnp.int32), ridx], axis=-1)
+    src = jnp.concatenate([order[..., :pl], jnp.zeros((b, h, cq), jnp.int32), gather_slots(order, ridx)], axis=-1)
     ok = jnp.concatenate([in_q, jnp.zeros((b, h, cq), bool), rok], axis=-1)
     return cache, src, ok
 
@@ -339,13 +364,13 @@ class GEAR(Method):
         else:
             v_group = head_dim
 
-        def outliers(tokens):
-            return max(1, int(self.outlier_ratio / 2 * tokens * head_dim)) if self.outlier_ratio > 0 else 0
-
-        return GearSpec(bits=self.bits, block=el, rank=min(self.rank, el, head_dim), k_each=outliers(el),
-                        prompt_block=prompt_block, prompt_rank=min(self.prefill_rank, max(prompt_block, 1), head_dim),
-                        prompt_k_each=outliers(prompt_block) if prompt_block else 0, iters=self.iters, quant=quant,
-                        group=self.group, v_group=v_group, scale_dtype=self.scale_dtype)
+        base = GearSpec(outlier_ratio=self.outlier_ratio)
+        return GearSpec(bits=self.bits, block=el, rank=min(self.rank, el, head_dim),
+                        k_each=base.outliers(el, head_dim), prompt_block=prompt_block,
+                        prompt_rank=min(self.prefill_rank, max(prompt_block, 1), head_dim),
+                        prompt_k_each=base.outliers(prompt_block, head_dim), iters=self.iters, quant=quant,
+                        group=self.group, v_group=v_group, scale_dtype=self.scale_dtype,
+                        outlier_ratio=self.outlier_ratio)
 
     def validate(self, ctx: Context) -> None:
         from kvjax.quant import packing  # noqa: PLC0415

@@ -22,6 +22,8 @@ precision:
 
 ``hi_budget`` (tokens per head, > 0) overrides ``hi_ratio`` (share of the prompt), so that MiKV can be compared with
 H2O at the same high-precision budget (``configs/quantization.py`` runs both).
+Budgets are per row: each row's high-precision budget and recent window come from its own prompt length (its valid
+tokens), so a row left-padded in a batch keeps exactly what it keeps alone.
 
 Remaining deviations: no authors' code is public, so choices the text leaves open are kvjax's: the low-bit group is
 32 channels per token (the paper's group size could not be verified; 32 is KIVI's and the common choice — the whole
@@ -42,7 +44,7 @@ from flax import struct
 
 from kvjax.attention import Observe
 from kvjax.compress.base import Context, Method, check_positive, register
-from kvjax.compress.evict import group_to_kv_heads, map_global_layers, recent_mask, select_keep
+from kvjax.compress.evict import group_to_kv_heads, map_global_layers, select_keep
 from kvjax.compress.kivi import convert_obs, room_for
 from kvjax.quant import quantizers as qz
 from kvjax.quant.cache import KeepBlock, QuantizedKV, QuantSpec, gather_slots, key_forward, quantize_dense_layer, \
@@ -94,24 +96,29 @@ def _keep_write(keep: KeepBlock, slots, k, v, ok) -> KeepBlock:
 @struct.dataclass
 class MixedPrecisionKV(QuantizedKV):
     """MiKV's layer: a :class:`QuantizedKV` whose keep block is the high-precision set (H2O's heavy hitters + recent
-    window, ``n_hi`` tokens + one free slot) with per-slot accumulated attention ``hi_score`` ``(B, H, n_hi + 1)``,
-    and whose per-token low-bit stream (no residual) receives demoted tokens. ``fill`` counts the keep block as
-    allocated (``n_hi + 1 + low-precision tokens``); empty keep slots have ``pos = -1``."""
+    window, at most ``n_hi`` tokens + one free slot) with per-slot accumulated attention ``hi_score``
+    ``(B, H, n_hi + 1)``, and whose per-token low-bit stream (no residual) receives demoted tokens. ``fill`` counts the
+    keep block as allocated (``n_hi + 1 + low-precision tokens``); empty keep slots have ``pos = -1``.
+
+    ``n_hi`` is the static size of the keep block (the largest row's budget); each row's own high-precision budget
+    ``hi_limit`` and recent window ``n_recent`` ``(B, H)`` come from that row's own prompt length, so a row left-padded
+    in a batch keeps exactly what it keeps alone."""
 
     hi_score: jax.Array | None = None
+    hi_limit: jax.Array | None = None
+    n_recent: jax.Array | None = None
     n_hi: int = struct.field(pytree_node=False, default=0)
-    n_recent: int = struct.field(pytree_node=False, default=0)
 
     def hi_pos(self):
         return self.pos[..., :self.n_keep]
 
-    def demote(self, target: int, k_max: int, newest):
-        """Moves the lowest-scoring high-precision tokens outside the recent window (the last ``n_recent``
-        positions up to ``newest`` ``(B,)``) to low precision until at most ``target`` remain (at most ``k_max``
-        per call, static). The oldest recent tokens go first if the window alone exceeds the target."""
+    def demote(self, target, k_max: int, newest):
+        """Moves the lowest-scoring high-precision tokens outside the recent window (each row's last ``n_recent``
+        positions up to ``newest`` ``(B,)``) to low precision until at most ``target`` (int or ``(B, H)``) remain (at
+        most ``k_max`` per call, static). The oldest recent tokens go first if the window alone exceeds the target."""
         hp = self.hi_pos()
         valid = hp >= 0
-        recent = valid & (hp > newest[:, None, None] - self.n_recent)
+        recent = valid & (hp > newest[:, None, None] - self.n_recent[..., None])
         pri = jnp.where(valid, jnp.where(recent, BIG / 2 + hp.astype(jnp.float32), self.hi_score), BIG)
         k_max = min(k_max, self.n_keep)
         _, low = jax.lax.top_k(-pri, k_max)  # lowest priority first
@@ -132,31 +139,31 @@ class MixedPrecisionKV(QuantizedKV):
 
     def append(self, k, v, pos) -> "MixedPrecisionKV":
         """New tokens enter the high-precision set (H2O's recent window); to make room the weakest older tokens are
-        demoted first (one decode token always fits: the decode hook leaves one slot free). A chunk longer than the
-        high-precision set sends its oldest tokens straight to low precision."""
+        demoted first (one decode token always fits: the decode hook leaves one slot free). A chunk longer than a
+        row's high-precision set (``hi_limit + 1``) sends its oldest tokens straight to low precision."""
         n = k.shape[2]
         s = self.n_keep
-        nk = min(n, s)  # the newest nk tokens enter high precision
-        layer = self.demote(s - nk, nk, jnp.max(pos, axis=1)) if nk else self
+        nk = min(n, s)  # static: at most the newest nk tokens enter high precision
+        nk_row = jnp.minimum(n, self.hi_limit + 1)  # (B, H): those of each row
+        layer = self.demote(self.hi_limit + 1 - nk_row, nk, jnp.max(pos, axis=1))
         kt = key_forward(k, self.spec, self.k_balance, self.k_perm).astype(jnp.float32)
         vt = value_forward(v, self.spec)
         pos_h = jnp.broadcast_to(pos[:, None, :], kt.shape[:3]).astype(jnp.int32)
-        if n > nk:
-            ok = pos_h[..., :n - nk] >= 0
+        i = jnp.arange(n, dtype=jnp.int32)
+        to_hi = i >= (n - nk_row)[..., None]  # (B, H, n)
+        if n > 1:  # the oldest tokens of a long chunk go straight to low precision
+            ok = (pos_h >= 0) & ~to_hi
             slots = (layer.fill - s)[..., None] + jnp.cumsum(ok, axis=-1, dtype=jnp.int32) - 1
             arrays = (layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale, layer.v_zero,
                       layer.pos)
-            kc, ks, kz, vc, vs, vz, p = layer._write_quantized(arrays, kt[:, :, :n - nk], vt[:, :, :n - nk],
-                                                               pos_h[..., :n - nk], slots, ok)
+            kc, ks, kz, vc, vs, vz, p = layer._write_quantized(arrays, kt, vt, pos_h, slots, ok)
             layer = layer.replace(k_codes=kc, k_scale=ks, k_zero=kz, v_codes=vc, v_scale=vs, v_zero=vz, pos=p,
                                   fill=layer.fill + jnp.sum(ok, axis=-1, dtype=jnp.int32))
-            kt, vt, pos_h = kt[:, :, n - nk:], vt[:, :, n - nk:], pos_h[..., n - nk:]
-        if not nk:
-            return layer
+        kt, vt, pos_h, to_hi = kt[:, :, n - nk:], vt[:, :, n - nk:], pos_h[..., n - nk:], to_hi[..., n - nk:]
         hp = layer.hi_pos()
         free_order = jnp.argsort(jnp.where(hp < 0, 0, 1) * s + jnp.arange(s), axis=-1).astype(jnp.int32)
-        slots = free_order[..., :nk]
-        ok = pos_h >= 0
+        ok = (pos_h >= 0) & to_hi
+        slots = gather_slots(free_order, jnp.maximum(jnp.cumsum(ok, axis=-1, dtype=jnp.int32) - 1, 0))
         keep = _keep_write(layer.keep, slots, kt, vt, ok)
         tgt = jnp.where(ok, slots, s)
         p = layer.pos.at[..., :s].set(scatter_slots(hp, tgt, pos_h))
@@ -164,9 +171,14 @@ class MixedPrecisionKV(QuantizedKV):
         return layer.replace(keep=keep, pos=p, hi_score=score)
 
 
-def to_mixed(cache: QuantizedKV, hi_score, n_hi: int, n_recent: int) -> MixedPrecisionKV:
+def to_mixed(cache: QuantizedKV, hi_score, n_hi: int, hi_limit, n_recent) -> MixedPrecisionKV:
+    """``cache`` with MiKV's high-precision bookkeeping: keep-block size ``n_hi`` (static), per-head budgets
+    ``hi_limit`` and recent windows ``n_recent`` (ints broadcastable to ``(B, H)``)."""
     fields = {f.name: getattr(cache, f.name) for f in dataclasses.fields(QuantizedKV)}
-    return MixedPrecisionKV(**fields, hi_score=hi_score.astype(jnp.float32), n_hi=n_hi, n_recent=n_recent)
+    bh = cache.fill.shape
+    as_bh = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), bh)  # noqa: E731
+    return MixedPrecisionKV(**fields, hi_score=hi_score.astype(jnp.float32), hi_limit=as_bh(hi_limit),
+                            n_recent=as_bh(n_recent), n_hi=n_hi)
 
 
 # ------------------------------------------------------------------------------------------------- the method
@@ -228,12 +240,22 @@ class MiKV(Method):
 
     def budget(self, capacity: int, prompt_len: int) -> tuple[int, int]:
         """High-precision tokens per head and how many of them are the most recent ones."""
-        if self.hi_budget:
-            n_hi = min(self.hi_budget, capacity)
-        else:
-            n = min(capacity, prompt_len) if prompt_len else capacity
-            n_hi = min(max(1, math.ceil(self.hi_ratio * n)), capacity)
+        return self.row_budget(min(capacity, prompt_len) if prompt_len else capacity)
+
+    def row_budget(self, n: int) -> tuple[int, int]:
+        """``(n_hi, n_recent)`` for a row holding ``n`` tokens: ``hi_budget`` (at most ``n``), else
+        ``ceil(hi_ratio * n)`` (at least 1); ``round(recent_ratio * n_hi)`` of them the most recent."""
+        if n <= 0:
+            return 0, 0
+        n_hi = min(self.hi_budget, n) if self.hi_budget else min(max(1, math.ceil(self.hi_ratio * n)), n)
         return n_hi, min(int(round(self.recent_ratio * n_hi)), n_hi)
+
+    def row_budgets(self, n_rows, n_max: int):
+        """Per-row ``row_budget`` of ``n_rows`` (traced ints ``<= n_max``) by table look-up (exactly the Python
+        arithmetic of a batch of one)."""
+        table = jnp.asarray([self.row_budget(n) for n in range(n_max + 1)], jnp.int32)
+        rows = table[jnp.clip(n_rows, 0, n_max)]
+        return rows[..., 0], rows[..., 1]
 
     def scores(self, layer, o, next_pos):
         h = layer.k.shape[1]
@@ -248,10 +270,13 @@ class MiKV(Method):
 
         def one(i, layer, o):
             c = layer.capacity
-            n_hi, n_rec = self.budget(c, ctx.prompt_len)
+            n_hi, _ = self.budget(c, ctx.prompt_len)  # static: the keep block of the largest row
+            # each row's budget from its own length (valid tokens), so that left padding changes nothing
+            n_row = jnp.max(jnp.sum(layer.valid, axis=-1, dtype=jnp.int32), axis=1)
+            hi_row, rec_row = self.row_budgets(jnp.minimum(n_row, min(c, ctx.prompt_len or c)), c)
             score = self.scores(layer, o, state.next_pos)
-            force = recent_mask(layer, state.next_pos, n_rec)
-            idx, keep = select_keep(score, layer.valid, n_hi, force)
+            force = layer.valid & (layer.pos >= (state.next_pos - rec_row)[:, None, None])  # recent window
+            idx, keep = select_keep(score, layer.valid, n_hi, force, limit=hi_row)
             order, count = compact_rest(layer.valid, idx, keep, max(c - idx.shape[-1], 1))
             # one more (empty) high-precision slot for the next generated token
             idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 1)))
@@ -261,7 +286,8 @@ class MiKV(Method):
                                                   stream_n=count, keep_idx=idx, keep_ok=keep, keep_bits=self.hi_bits,
                                                   keep_group=self.group, k_balance=bal)
             hi_score = jnp.where(keep, gather_slots(score, idx), 0.0)
-            return to_mixed(cache, hi_score, idx.shape[-1] - 1, n_rec), convert_obs(o, src, ok)
+            return (to_mixed(cache, hi_score, idx.shape[-1] - 1, hi_row[:, None], rec_row[:, None]),
+                    convert_obs(o, src, ok))
 
         return map_global_layers(state, obs, one)
 
@@ -272,6 +298,6 @@ class MiKV(Method):
             s = layer.n_keep
             add = group_to_kv_heads(o["colsum"][..., :s], layer.pos.shape[1], "sum")
             layer = layer.replace(hi_score=layer.hi_score + jnp.where(layer.hi_pos() >= 0, add, 0.0))
-            return layer.demote(layer.n_hi, 1, state.next_pos - 1), o
+            return layer.demote(layer.hi_limit, 1, state.next_pos - 1), o
 
         return map_global_layers(state, obs, one)[0]
