@@ -1,6 +1,8 @@
 """Per-head storage and channel pruning (issue 14) on SmolLM2-135M at ~1K tokens: AdaKV with ragged vs padded
 storage at the same kept tokens, RazorAttention (with and without its count-weighted compensation token) and ThinK
-(40% of key channels pruned) on top of SnapKV-128, against the full cache and SnapKV-128 alone. Variants run in the
+(40% of key channels pruned) on top of SnapKV-128, the cross-layer methods xKV (groups of 4 layers, the authors'
+rank fractions) and MiniCache (SLERP merge of adjacent layers from the middle on), and xKV on top of SnapKV-128,
+against the full cache and SnapKV-128 alone. Variants run in the
 order listed (a resumed run continues where it stopped).
 
 Cells: 8 single-needle prompts (4 depths x 2 seeds, Shakespeare filler, ~1K tokens) per method, answer
@@ -29,11 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.prompt_style = "plain"
     c.max_new_tokens = 10
     c.methods = ml_collections.ConfigDict({
+        "full": {},
         "razor": {"name": "razor", "min_buffer": 0},
         "snapkv_think": {"name": "chain", "chain": ("snapkv", "think"), "snapkv": {"budget": 128}, "think": {}},
-        "full": {},
-        "adakv_ragged": {"name": "adakv", "budget": 128},
+        "xkv": {"name": "xkv"},
+        "minicache": {"name": "minicache"},
+        "snapkv_xkv": {"name": "chain", "chain": ("snapkv", "xkv"), "snapkv": {"budget": 128}, "xkv": {}},
         "snapkv": {"name": "snapkv", "budget": 128},
+        "adakv_ragged": {"name": "adakv", "budget": 128},
         "razor_unweighted": {"name": "razor", "min_buffer": 0, "count_weight": False},
         "adakv_padded": {"name": "adakv", "budget": 128, "storage": "padded"},
     })
