@@ -57,6 +57,8 @@ FACTORIES = {
     # sinks 1 + buffer (b - 2) + compensation token = b slots in the non-retrieval heads; (layer 0, head 1) and
     # (layer 1, head 0) are retrieval heads (whole context)
     "razor": lambda b: get_method("razor", n_sink=1, min_buffer=b - 2, ratio=1e9, heads=((0, 1), (1, 0))),
+    # a 2-layer ladder: blocks of 2 slots, layer 0 keeps the first, layer 1 the second; 1 sink
+    "lacache": lambda b: get_method("lacache", cache_size=b, span=1, n_sink=1),
     "locret": lambda b: get_method("locret", budget=b, chunk_size=T, stabilizers=1, local_len=1, heads=LOCRET_HEADS),
 }
 LOCRET_HEADS = RetainingHeads(init_heads(CFG, jax.random.PRNGKey(0), 16))  # random retaining heads (Locret)
