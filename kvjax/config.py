@@ -60,6 +60,20 @@ class ModelConfig:
     query_pre_attn_scalar: float = 0.0
     final_logit_softcapping: float = 0.0
     attn_logit_softcapping: float = 0.0
+    # Multi-head latent attention (MLA, an upcycled Llama-family model: kvjax.upcycle). 0 = standard GQA attention.
+    mla_kv_rank: int = 0  # d_latent: width of the cached joint key/value latent per token
+    mla_rope_heads: int = 0  # decoupled RoPE key: this many head_dim-wide rotated key chunks, shared by all heads
+    mla_nope_dim: int = 0  # per-head query/key width without RoPE (0 or head_dim in kvjax's conversions)
+
+    @property
+    def attention_type(self) -> str:
+        """``"mla"`` (cached latent + decoupled RoPE key, :mod:`kvjax.models.mla`) or ``"gqa"``."""
+        return "mla" if self.mla_kv_rank else "gqa"
+
+    @property
+    def mla_rope_dim(self) -> int:
+        """Width of the decoupled RoPE key cached per token (``mla_rope_heads * head_dim``)."""
+        return self.mla_rope_heads * self.head_dim
 
     @property
     def group_size(self) -> int:
@@ -89,6 +103,20 @@ class ModelConfig:
                 f"unsupported rope_scaling type {self.rope_scaling.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise UnsupportedConfigError("layer_types must have one entry per layer")
+        if self.mla_kv_rank < 0 or self.mla_rope_heads < 0 or self.mla_nope_dim < 0:
+            raise UnsupportedConfigError(
+                f"MLA fields must be >= 0, got mla_kv_rank={self.mla_kv_rank}, mla_rope_heads={self.mla_rope_heads}, "
+                f"mla_nope_dim={self.mla_nope_dim}")
+        if self.mla_kv_rank:
+            if self.architecture not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+                raise UnsupportedConfigError(f"MLA attention is implemented for Llama-family models only, not "
+                                             f"{self.architecture}")
+            if self.mla_rope_heads < 1:
+                raise UnsupportedConfigError(f"an MLA config needs mla_rope_heads >= 1, got {self.mla_rope_heads}")
+            if self.sliding_window or self.attention_bias:
+                raise UnsupportedConfigError("MLA attention supports neither sliding windows nor q/k/v biases")
+        elif self.mla_rope_heads or self.mla_nope_dim:
+            raise UnsupportedConfigError("mla_rope_heads / mla_nope_dim are set but mla_kv_rank is 0 (not an MLA model)")
         return self
 
 

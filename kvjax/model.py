@@ -43,8 +43,11 @@ class Model:
     mesh: Any = None
 
     def __post_init__(self):
-        if self.impl not in ("reference", "pallas"):
-            raise ValueError(f"unknown attention impl {self.impl!r}; choose 'reference' or 'pallas'")
+        if self.impl == "expanded" and self.cfg.attention_type == "mla":
+            pass  # MLA's reference path with per-head keys/values materialised (kvjax.models.mla)
+        elif self.impl not in ("reference", "pallas"):
+            raise ValueError(f"unknown attention impl {self.impl!r}; choose 'reference' or 'pallas'"
+                             + (" (or 'expanded' for an MLA model)" if self.cfg.attention_type == "mla" else ""))
         if self.mesh is not None:
             from kvjax import sharding  # noqa: PLC0415
 
@@ -100,7 +103,18 @@ class Model:
             raise ValueError(f"tokens have batch {b} but the KV state was made for batch {state.batch_size}")
         if len(state.layers) != self.cfg.num_layers:
             raise ValueError(f"KV state has {len(state.layers)} layers, the model {self.cfg.num_layers}")
+        mla = self.cfg.attention_type == "mla"
         for i, layer in enumerate(state.layers):  # a state of another model (a loaded one) fails here, not in XLA
+            if mla != (type(layer).__name__ == "LatentKV"):
+                raise ValueError(f"KV state layer {i} is a {type(layer).__name__} but the model's attention is "
+                                 f"{self.cfg.attention_type.upper()}: a state made for another model")
+            if mla:
+                r, dr = layer.c.shape[-1], layer.kr.shape[-1]
+                if (r, dr) != (self.cfg.mla_kv_rank, self.cfg.mla_rope_dim):
+                    raise ValueError(f"KV state layer {i} holds latents of width {r} and RoPE keys of width {dr}, "
+                                     f"the model {self.cfg.mla_kv_rank} and {self.cfg.mla_rope_dim}: a state made for "
+                                     "another model")
+                continue
             if type(layer).__name__ != "DenseKV":  # other classes hold head subsets or pruned channels by design
                 continue
             heads, dim = layer.k.shape[1], layer.k.shape[3]

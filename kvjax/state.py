@@ -266,6 +266,83 @@ class RaggedKV:
                                    softcap=softcap, observe=observe, bias=self.view_bias())
 
 
+@struct.dataclass
+class LatentKV:
+    """One layer's cache of a multi-head latent attention (MLA) model: per token, the joint key/value latent and the
+    decoupled RoPE key shared by all heads (DeepSeek-V2, arXiv 2405.04434; the layout TransMLA, arXiv 2502.07864, and
+    X-EcoMLA, arXiv 2503.11132, upcycle GQA models into).
+
+    * ``c`` ``(B, 1, C, d_latent)``: the latent ``c = h @ W_dkv`` of every slot (keys and values of every head are
+      linear up-projections of it; the attention absorbs them into the query and output sides, so the latent is never
+      expanded per step, see :mod:`kvjax.models.mla`);
+    * ``kr`` ``(B, 1, C, d_rope)``: the decoupled RoPE key (``mla_rope_heads`` chunks of ``head_dim``, stored after RoPE
+      at original positions, like :class:`DenseKV` keys);
+    * ``pos`` ``(B, 1, C)`` int32 original positions (``-1`` = empty / padding), ``fill`` ``(B, 1)``, ``extras``.
+
+    The axis of size 1 is the single shared "KV head" of the latent: with it, every slot-indexed helper of kvjax
+    (positions ``(B, Hkv, C)``, eviction's top-k / gather, ``valid_nbytes``) applies to the latent unchanged, and an
+    eviction method keeps one selection of tokens shared by all query heads. ``kvjax.nbytes`` counts ``c``, ``kr``,
+    ``pos``, ``fill`` at their dtypes: the honest size of an MLA cache. Never a ring buffer (no sliding windows).
+    """
+
+    c: Array
+    kr: Array
+    pos: Array
+    fill: Array
+    extras: dict[str, Array] = struct.field(default_factory=dict)
+    window: int = struct.field(pytree_node=False, default=0)
+    ring_start = -1  # class attribute: never a ring buffer
+
+    @property
+    def capacity(self) -> int:
+        return self.c.shape[2]
+
+    @property
+    def valid(self) -> Array:
+        return self.pos >= 0
+
+    def append(self, c: Array, kr: Array, pos: Array) -> "LatentKV":
+        """Writes ``n`` new tokens: latents ``c`` ``(B, 1, n, d_latent)``, RoPE keys ``kr`` ``(B, 1, n, d_rope)``,
+        ``pos`` ``(B, n)`` (``-1`` = padding, stored as an invalid slot as a plain :class:`DenseKV` does)."""
+        n = c.shape[2]
+        slots = self.fill[..., None] + jnp.arange(n, dtype=jnp.int32)
+        pos_h = jnp.broadcast_to(pos[:, None, :], slots.shape).astype(jnp.int32)
+        scatter = jax.vmap(jax.vmap(lambda buf, idx, new: buf.at[idx].set(new, mode="drop")))
+        return self.replace(c=scatter(self.c, slots, c.astype(self.c.dtype)),
+                            kr=scatter(self.kr, slots, kr.astype(self.kr.dtype)),
+                            pos=scatter(self.pos, slots, pos_h), fill=self.fill + n)
+
+    def gather(self, idx: Array, keep: Array, room: int = 0) -> "LatentKV":
+        """A compacted layer holding slots ``idx`` ``(B, 1, K)`` (``keep`` False = empty) plus ``room`` free slots
+        (what eviction methods do to a :class:`DenseKV` with ``kvjax.compress.evict.gather_layer``)."""
+
+        def take(x, value=0):
+            g = jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
+            g = jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 3)), g, value).astype(x.dtype)
+            pad = [(0, 0)] * x.ndim
+            pad[2] = (0, room)
+            return jnp.pad(g, pad, constant_values=value)
+
+        c = self.capacity
+        extras = {n: take(x) if x.ndim >= 3 and x.shape[:3] == self.pos.shape[:2] + (c,) else x
+                  for n, x in self.extras.items()}
+        return LatentKV(c=take(self.c), kr=take(self.kr), pos=take(self.pos, -1),
+                        fill=jnp.sum(keep, axis=-1, dtype=jnp.int32), extras=extras, window=self.window)
+
+    def dense(self) -> tuple[Array, Array]:
+        raise TypeError("a LatentKV (MLA) layer holds no per-head keys/values: its keys and values are up-projections "
+                        "of the latent (kvjax.models.mla.expand_latent(params_layer, layer) gives them); methods that "
+                        "read float keys/values cannot run on an MLA cache")
+
+
+def init_latent_layer(batch: int, capacity: int, kv_rank: int, rope_dim: int, dtype=jnp.float32) -> LatentKV:
+    """An empty :class:`LatentKV` of ``capacity`` slots."""
+    if capacity <= 0:
+        raise ValueError(f"cache capacity must be positive, got {capacity}")
+    return LatentKV(c=jnp.zeros((batch, 1, capacity, kv_rank), dtype), kr=jnp.zeros((batch, 1, capacity, rope_dim), dtype),
+                    pos=jnp.full((batch, 1, capacity), -1, jnp.int32), fill=jnp.zeros((batch, 1), jnp.int32))
+
+
 def _flat_aligned(layer: RaggedKV, x: Array) -> bool:
     return x.ndim >= 2 and x.shape[:2] == layer.pos.shape
 
@@ -493,6 +570,11 @@ def init_state(cfg, batch: int, capacity: int, dtype=jnp.float32, *, local_ring:
     """
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
+    if getattr(cfg, "mla_kv_rank", 0):  # multi-head latent attention: a latent cache per layer
+        layers = tuple(init_latent_layer(batch, capacity, cfg.mla_kv_rank, cfg.mla_rope_dim, dtype)
+                       for _ in range(cfg.num_layers))
+        return KVState(layers=layers, next_pos=jnp.zeros((batch,), jnp.int32),
+                       rope_shift=jnp.zeros((batch,), jnp.int32))
     layers = []
     for i in range(cfg.num_layers):
         w = cfg.layer_window(i)

@@ -5,6 +5,10 @@ Params layout (Linear weights as ``(in, out)``, so ``y = x @ w``)::
     {"embed": (V, D), "norm": (D,), "lm_head": (D, V)  # absent when tied
      "layers": ({"attn_norm", "q", "k", "v", "o", "q_bias"?, "k_bias"?, "v_bias"?,
                  "mlp_norm", "gate", "up", "down"}, ...)}
+
+An MLA model (``cfg.attention_type == "mla"``, upcycled by :mod:`kvjax.upcycle`) has ``q_nope``, ``q_rope``,
+``kv_down``, ``k_rope``, ``k_up``, ``v_up`` instead of ``q``, ``k``, ``v`` (see :mod:`kvjax.models.mla`); the rest of the
+forward is shared.
 """
 from __future__ import annotations
 
@@ -48,7 +52,16 @@ def _proj(x, p, name):
 def attention_block(cfg: ModelConfig, p: dict, h: jax.Array, layer, pos: jax.Array, rope_pos: jax.Array,
                     inv_freq: jax.Array, *, observe: Observe, impl: str, qk_norm=None, sm_scale=None,
                     softcap: float = 0.0):
-    """Self-attention of one layer: projections, RoPE, cache write, attention. Returns ``(out, layer, obs)``."""
+    """Self-attention of one layer: projections, RoPE, cache write, attention. Returns ``(out, layer, obs)``.
+
+    A layer whose params are multi-head latent attention's (an upcycled model, :mod:`kvjax.models.mla`) runs the MLA
+    variant of this block over its :class:`~kvjax.state.LatentKV` cache."""
+    if "kv_down" in p:
+        from kvjax.models.mla import mla_attention_block  # noqa: PLC0415
+
+        if qk_norm is not None or sm_scale is not None or softcap:
+            raise ValueError("MLA layers support neither QK-norm, a custom softmax scale nor logit soft-capping")
+        return mla_attention_block(cfg, p, h, layer, pos, rope_pos, inv_freq, observe=observe, impl=impl)
     b, t, _ = h.shape
     q = _proj(h, p, "q").reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = _proj(h, p, "k").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
