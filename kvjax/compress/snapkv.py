@@ -69,7 +69,7 @@ class SnapKV(Method):
         protect = recent_mask(layer, next_pos, self.window)
         votes = layer_obs["window"].sum(axis=2)  # (B, Hq, S)
         votes = jnp.where(jnp.repeat(protect, votes.shape[1] // protect.shape[1], axis=1), 0.0, votes)
-        return reduce_and_pool(votes, layer.pos.shape[1], self.kernel, self.pooling, self.gqa_reduce,
+        return reduce_and_pool(votes, layer.fill.shape[1], self.kernel, self.pooling, self.gqa_reduce,
                                self.gqa_order), protect
 
     def prefill(self, state, obs, ctx: Context):
