@@ -353,3 +353,26 @@ def test_real_gemma3_perplexity_matches_transformers(real_gemma):
           f"kvjax {ppl_ours:.4f}, transformers {ppl_theirs:.4f}; max |NLL diff| {np.abs(ours - theirs).max():.2e}")
     assert abs(ppl_ours - ppl_theirs) / ppl_theirs < 1e-3
     assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_xkv_full_rank_decodes_like_the_full_cache(gemma, rng):
+    """xKV on Gemma's global layers only (the scaled variant's two global layers form one group: the second reads
+    the first's factors inside Gemma's own layer loop; RoPE scaling undone and re-applied exactly)."""
+    from kvjax.compress import Context, get_method  # noqa: PLC0415
+    from kvjax.compress.xkv import CrossLayerKV  # noqa: PLC0415
+
+    variant, _, model, params = gemma
+    if variant == "base":
+        pytest.skip("one global layer: a group of one layer (no shared factors to attach; CI time)")
+    tokens, mask = _padded_batch(rng, model.cfg.vocab_size, pad=3)
+    prompt = 12
+    _, state = _prefill(model, params, tokens[:, :prompt], mask[:, :prompt])
+    ctx = Context(cfg=model.cfg, decode_room=T - prompt, prompt_len=prompt)
+    comp, _ = get_method("xkv", rank_k=1024, rank_v=1024).prefill(state, None, ctx)
+    glob = [i for i in range(model.cfg.num_layers) if not model.cfg.layer_window(i)]
+    assert [i for i, x in enumerate(comp.layers) if isinstance(x, CrossLayerKV)] == glob
+    assert [x.owner for x in comp.layers if isinstance(x, CrossLayerKV)] == [-1] + [glob[0]] * (len(glob) - 1)
+    for t in range(prompt, T):
+        want, state = model.jit_decode_step(params, jnp.asarray(tokens[:, t]), state)
+        got, comp = model.jit_decode_step(params, jnp.asarray(tokens[:, t]), comp)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, err_msg=f"step {t}")
