@@ -81,3 +81,27 @@ def test_model_dependent_errors_before_compilation():
         get_method("lacache", span=2).validate(Context(cfg=CFG))
     with pytest.raises(ValueError, match="too small"):
         get_method("lacache", cache_size=3, span=1, n_sink=1).validate(Context(cfg=CFG))
+
+
+def test_chain_after_eviction_ladders_the_kept_tokens():
+    """SnapKV then LaCache (synthetic 2-layer caches): each head's ladder is the replay over the tokens SnapKV kept,
+    and the bytes are those of the ``cache_size + 1`` slots."""
+    from kvjax.compress import chain  # noqa: PLC0415
+    from kvjax.state import nbytes  # noqa: PLC0415
+    from tests.test_compress_api import CTX, synthetic_state  # noqa: PLC0415
+
+    state, obs, _ = synthetic_state(np.random.default_rng(0))
+    snap = get_method("snapkv", budget=10, window=3, kernel=3)
+    lac = get_method("lacache", cache_size=6, span=1, n_sink=1)
+    ev, ev_obs = snap.prefill(state, obs, CTX)
+    out, _ = chain(snap, lac).prefill(state, obs, CTX)
+    for i, (e, x) in enumerate(zip(ev.layers, out.layers)):
+        assert x.capacity == 7
+        for b in range(e.pos.shape[0]):
+            for h in range(e.pos.shape[1]):
+                kept = np.sort(np.asarray(e.pos[b, h])[np.asarray(e.pos[b, h]) >= 0])
+                want, _ = ladder_positions(kept, 2, i, before=2, after=1, n_sink=1, cache_size=6)
+                got = np.asarray(x.pos[b, h])
+                assert got[got >= 0].tolist() == want.tolist()
+        b_, h_, _, d = x.k.shape
+        assert nbytes(x) == 4 * b_ * h_ * (7 * (2 * d + 1) + 2)  # k, v, pos per slot; fill and cursor per head

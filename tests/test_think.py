@@ -65,6 +65,13 @@ def test_pruned_attention_equals_attention_on_kept_dims_and_bytes():
     lt = st.layers[0]
     assert kvjax.nbytes(lt.pruned.k) * 2 == lt.pruned.k.size * 4 * 2 and lt.channels.dtype == jnp.uint8
     assert kvjax.nbytes(st) < kvjax.nbytes(dense)
+    # valid bytes: the pruned part and the recent part each count their valid slots only (the 2 free decode slots
+    # per head are not charged; before the fix every ChannelPrunedKV array counted in full)
+    from kvjax.state import valid_nbytes  # noqa: PLC0415
+
+    room = sum(2 * CFG.num_kv_heads * int(x.recent.capacity - np.asarray(x.recent.fill).max()) for x in st.layers)
+    per_slot = 4 * (2 * CFG.head_dim + 1)  # full-dimension key, value, position of a recent-part slot
+    assert valid_nbytes(st) == kvjax.nbytes(st) - room * per_slot > 0
     with pytest.raises(ValueError, match="leaves channel ones"):
         chain(get_method("h2o", budget=8), think)
     with pytest.raises(ValueError, match="needs a dense"):
