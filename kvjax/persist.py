@@ -24,9 +24,13 @@ all-zero one (``store_data_equal_to_fill_value``), so :func:`load_state` refuses
 and it verifies each array's SHA-256 after decoding: a flipped byte or bit anywhere is an error naming the array, not
 wrong numbers. Format-1 states (``arrays/``, no checksums) still load, without the integrity checks.
 
-What is *not* implemented from CacheGen: its lossy encoder (per-layer adaptive quantization of token deltas against
-anchor tokens) and arithmetic coding with learned per-channel distributions — lossy compression is left to the
-quantization methods (KIVI, GEAR ...), whose packed codes are stored as is; zstd stands in for the arithmetic coder.
+CacheGen's lossy codec (``codec="cachegen"``, format 3; :mod:`kvjax.codec.cachegen`): the keys and values of every
+full-precision layer (float ``k``/``v`` ``(B, H, T, D)`` beside ``pos`` ``(B, H, T)``, e.g. a dense cache) are
+stored as CacheGen byte streams — token-wise deltas against anchor tokens in groups, layer-wise quantization (coarser
+in later layers), range coding with a model per channel and layer — in place of the raw arrays; everything else
+(positions, already packed quantized caches) is stored losslessly as above. The SHA-256 of each stream is checked
+before it is decoded and the stream carries its own CRC32, so a corrupt or truncated stream is an error, not wrong
+numbers. Loading decodes to the original dtype, within the codec's quantization error.
 
 :func:`load_state` rebuilds the state (optionally checked against ``like``, a state of the model that will use it, or
 ``cfg``): a file written by another model config, or for a differently shaped state, is refused with a clear error.
@@ -47,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 FORMAT = "kvjax-kvstate"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: cachegen-coded arrays (written only with codec="cachegen"; otherwise 2)
+CODECS = (None, "cachegen")
 META_FILE = "meta.json"
 _ARRAYS_PREFIX = "arrays"
 
@@ -232,14 +237,17 @@ def _chunks(shape, chunk_tokens: int, itemsize: int) -> list[int]:
 
 
 def _spec(path: str, shape=None, dtype: str | None = None, chunks=None, itemsize: int = 1, level: int = 5) -> dict:
+    """tensorstore spec of a zarr3 array (``level`` 0: stored without blosc, e.g. an entropy-coded stream)."""
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
     if shape is not None:
+        codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+        if level:
+            codecs.append({"name": "blosc", "configuration": {"cname": "zstd", "clevel": level, "shuffle": "shuffle",
+                                                              "typesize": itemsize}})
         spec["metadata"] = {
             "shape": list(shape), "data_type": dtype,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       {"name": "blosc", "configuration": {"cname": "zstd", "clevel": level, "shuffle": "shuffle",
-                                                            "typesize": itemsize}}],
+            "codecs": codecs,
         }
         spec["create"] = True
         spec["delete_existing"] = True
@@ -291,14 +299,37 @@ def _dtype_name(dt) -> str:
 # ------------------------------------------------------------------------------------------------- API
 
 
+def _codec_targets(state, names: list) -> dict:
+    """Array index -> ``(layer index, "k"/"v", pos)`` of the leaves CacheGen codes: float ``k``/``v``
+    ``(B, H, T, D)`` of a layer whose ``pos`` is ``(B, H, T)``."""
+    out = {}
+    layers = getattr(state, "layers", ())
+    for i, name in enumerate(names):
+        for li, layer in enumerate(layers):
+            for kind in ("k", "v"):
+                if name != f".layers[{li}].{kind}":
+                    continue
+                x, pos = getattr(layer, kind, None), getattr(layer, "pos", None)
+                if _is_array(x) and _is_array(pos) and x.ndim == 4 and tuple(pos.shape) == tuple(x.shape[:3]) and \
+                        jnp.issubdtype(x.dtype, jnp.floating):
+                    out[i] = (li, kind, pos)
+    return out
+
+
 def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=None, chunk_tokens: int = 256,
-               token_delta: bool = False, level: int = 5) -> dict:
+               token_delta: bool = False, level: int = 5, codec: str | None = None, codec_config=None) -> dict:
     """Writes ``state`` (a :class:`kvjax.KVState`) to directory ``path`` (created; existing arrays overwritten).
 
     ``cfg``: the :class:`kvjax.ModelConfig` that produced it (its fingerprint is checked at load time); ``method``:
     the compression method (or a string) recorded in the metadata; ``meta``: extra JSON-serialisable metadata.
+    ``codec``: ``None`` (lossless) or ``"cachegen"`` (CacheGen's lossy codec for full-precision keys/values, with
+    ``codec_config`` a :class:`kvjax.codec.cachegen.CacheGenConfig`, default the paper's/authors' settings).
     Returns the metadata written, including ``disk_bytes``, ``raw_bf16_bytes`` and ``state_bytes``.
     """
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(map(repr, CODECS))}")
+    if codec is None and codec_config is not None:
+        raise ValueError("codec_config needs codec='cachegen'")
     import tensorstore as ts  # noqa: PLC0415
 
     from kvjax import __version__  # noqa: PLC0415
@@ -323,12 +354,34 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
         elif not all(_is_leftover(n) for n in os.listdir(path)):  # (leftovers of an interrupted first save are fine)
             raise StateFileError(f"{path!r} is a non-empty directory that holds no saved KV state; refusing to "
                                  f"write into it")
+    targets = {}
+    if codec == "cachegen":
+        from kvjax.codec import cachegen  # noqa: PLC0415
+
+        cg_cfg = codec_config if codec_config is not None else cachegen.CacheGenConfig()
+        if not isinstance(cg_cfg, cachegen.CacheGenConfig):
+            raise TypeError(f"codec_config must be a CacheGenConfig, got {type(cg_cfg).__name__}")
+        targets = _codec_targets(state, names)
     arrays_dir = f"{_ARRAYS_PREFIX}-{uuid.uuid4().hex[:12]}"
     os.makedirs(os.path.join(path, arrays_dir))
     infos, futures = [], []
     host = jax.device_get(arrays)
+    n_layers = len(getattr(state, "layers", ()))
     for i, x in enumerate(host):
         x = np.asarray(x)
+        if i in targets:  # CacheGen stream in place of the array (1-D uint8, no further compression)
+            li, kind, pos = targets[i]
+            bins = cg_cfg.bins(kind, li, n_layers)
+            stream = np.frombuffer(cachegen.encode(x, np.asarray(pos) >= 0, bins, cg_cfg), np.uint8)
+            chunks = [max(1, min(len(stream), 8 << 20))]
+            store = ts.open(_spec(os.path.join(path, arrays_dir, str(i)), stream.shape, "uint8", chunks, 1,
+                                  0)).result()
+            futures.append(store.write(stream))
+            infos.append({"name": names[i], "shape": list(x.shape), "dtype": _dtype_name(x.dtype),
+                          "codec": "cachegen", "bins": bins, "stored_shape": list(stream.shape),
+                          "chunk_shape": chunks, "n_chunks": len(_chunk_keys(stream.shape, chunks)),
+                          "sha256": _sha256(stream)})
+            continue
         delta = bool(token_delta and x.ndim == 4 and x.shape[2] > 1 and jnp.issubdtype(x.dtype, jnp.floating))
         data = _xor_delta(x, 2, inverse=False) if delta else x
         chunks = _chunks(x.shape, chunk_tokens, x.dtype.itemsize)
@@ -343,7 +396,8 @@ def save_state(path: str, state, meta: dict | None = None, *, cfg=None, method=N
     layers = getattr(state, "layers", ())
     info = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if codec else 2,
+        "codec": None if codec is None else {"name": codec, **dataclasses.asdict(cg_cfg)},
         "kvjax_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "config_fingerprint": config_fingerprint(cfg) if cfg is not None else None,
@@ -446,6 +500,24 @@ def _check_like(loaded, like, path: str, info: dict) -> None:
                                  f"{np.dtype(a.dtype)}, expected {tuple(b.shape)} {np.dtype(b.dtype)}{hint}")
 
 
+def _decode_cachegen(x: np.ndarray, a: dict, what: str) -> np.ndarray:
+    """A stored CacheGen stream (uint8) -> the array of ``a["shape"]``/``a["dtype"]``, checked (SHA-256, CRC32)."""
+    from kvjax.codec import cachegen  # noqa: PLC0415
+
+    if x.dtype != np.uint8 or x.ndim != 1 or list(x.shape) != a.get("stored_shape"):
+        raise StateFileError(f"{what}: cachegen stream is {x.shape} {x.dtype}, metadata says {a.get('stored_shape')} "
+                             "uint8 (corrupt file)")
+    if _sha256(x) != a.get("sha256"):
+        raise StateFileError(f"{what}: SHA-256 checksum mismatch of its cachegen stream (the stored bytes are corrupt)")
+    try:
+        y = cachegen.decode(x.tobytes())
+    except cachegen.CacheGenError as e:
+        raise StateFileError(f"{what}: {e}") from None
+    if list(y.shape) != a["shape"]:
+        raise StateFileError(f"{what}: cachegen stream decodes to {y.shape}, metadata says {a['shape']} (corrupt file)")
+    return y.astype(np.dtype(a["dtype"]))
+
+
 def load_state(path: str, like=None, *, cfg=None):
     """Loads a state written by :func:`save_state`, bit-exact.
 
@@ -470,8 +542,12 @@ def load_state(path: str, like=None, *, cfg=None):
     for i, a in enumerate(info["arrays"]):
         what = f"array {i} ({a.get('name', '?')}) of the saved state at {path!r}"
         where = os.path.join(arrays_dir, str(i))
+        coded = a.get("codec")
+        if coded not in CODECS:
+            raise StateFileError(f"{what}: unknown codec {coded!r} (corrupt {META_FILE} or a newer kvjax)")
+        stored_shape = a.get("stored_shape", a["shape"]) if coded else a["shape"]
         if "chunk_shape" in a:
-            keys = _chunk_keys(a["shape"], a["chunk_shape"])
+            keys = _chunk_keys(stored_shape, a["chunk_shape"])
             missing = [k for k in keys if not os.path.isfile(os.path.join(where, k))]
             if len(keys) != a.get("n_chunks", len(keys)) or missing:
                 raise StateFileError(f"{what}: {len(missing)} of {len(keys)} chunk files missing (e.g. "
@@ -480,7 +556,10 @@ def load_state(path: str, like=None, *, cfg=None):
             store = ts.open(_spec(where)).result()
             x = np.asarray(store.read().result())
         except Exception as e:  # tensorstore raises ValueError subclasses with long messages
-            raise StateFileError(f"cannot read {what}: {e}") from e
+            raise StateFileError(f"cannot read {what}: {' '.join(str(e).split())}") from e
+        if coded == "cachegen":
+            arrays.append(jnp.asarray(_decode_cachegen(x, a, what)))
+            continue
         if list(x.shape) != a["shape"] or _dtype_name(x.dtype) != a["dtype"]:
             raise StateFileError(f"{what} is {x.shape} {x.dtype}, metadata says {a['shape']} {a['dtype']} (corrupt "
                                  "file)")

@@ -255,3 +255,96 @@ def test_kill_9_during_save_over_an_existing_state_leaves_a_loadable_state(tmp_p
         loaded = persist.load_state(path)
         k = np.asarray(loaded["k"])
         assert any(np.array_equal(k, e) for e in expected)
+
+
+# ------------------------------------------------------------------------------------------------- CacheGen codec
+
+
+def _cachegen_bound(x: np.ndarray, valid: np.ndarray, bins: int, group: int = 10) -> np.ndarray:
+    """Per entry of ``x`` (B, H, T, D): the largest error CacheGen's quantization may make, from the original values
+    only: anchors (first token of each group of ``group`` valid tokens) ``max|x_t| / 127 / 2``; other tokens
+    ``max|x_t - anchor| + anchor error`` over ``bins // 2 - 1``, halved (over all heads' channels of a token)."""
+    b, h, t, d = x.shape
+    xf = np.where(valid[..., None], x, 0).transpose(0, 2, 1, 3).reshape(b, t, h * d).astype(np.float64)
+    bound = np.zeros((b, t))
+    for i in range(b):
+        idx = np.nonzero(valid[i].any(0))[0]
+        for j, s in enumerate(idx):
+            a = idx[j - j % group]
+            ea = np.abs(xf[i, a]).max() / 127 / 2
+            bound[i, s] = ea if s == a else (np.abs(xf[i, s] - xf[i, a]).max() + ea) / (bins // 2 - 1) / 2
+    return np.broadcast_to(bound[:, None, :, None], x.shape)
+
+
+def test_cachegen_codec_roundtrip_within_quantization_error_and_padding_decodes_to_zero():
+    from kvjax.codec import cachegen
+
+    rng = np.random.default_rng(0)
+    b, h, t, d = 2, 3, 47, 8
+    x = (rng.normal(size=(b, h, 1, d)) + 0.2 * np.cumsum(rng.normal(size=(b, h, t, d)), axis=2)).astype(np.float32)
+    valid = np.ones((b, h, t), bool)
+    valid[0, :, :6] = False  # a left-padded row
+    for bins in (32, 16, 8):
+        y = cachegen.decode(cachegen.encode(x, valid, bins))
+        err = np.abs(y - x)[valid]
+        bound = _cachegen_bound(x, valid, bins)[valid]
+        assert np.all(err <= bound * (1 + 1e-5) + 1e-7), (bins, float((err - bound).max()))
+        assert err.max() > 0.05 * bound.max()  # lossy, and the bound is not vacuous
+        assert np.all(y[~valid] == 0)
+    with pytest.raises(ValueError, match="bins must be an integer in"):
+        cachegen.encode(x, valid, 300)
+
+
+def test_save_state_cachegen_roundtrips_within_quantization_error(tiny, tmp_path):
+    from kvjax.codec import cachegen
+
+    model, params, prompt = tiny
+    _, state = model.jit_prefill(params, prompt, model.init_state(2, T, jnp.bfloat16), logits="none")
+    cfg = cachegen.CacheGenConfig()
+    info = persist.save_state(str(tmp_path), state, cfg=model.cfg, codec="cachegen")
+    assert info["format_version"] == 3 and info["codec"]["name"] == "cachegen" and info["codec"]["group"] == 10
+    coded = [a for a in info["arrays"] if a.get("codec") == "cachegen"]
+    assert len(coded) == 2 * model.cfg.num_layers
+    n = model.cfg.num_layers
+    assert [a["bins"] for a in coded if a["name"].endswith(".k")] == [cfg.bins("k", i, n) for i in range(n)]
+    assert cfg.bins("k", 0, 32) == 32 and cfg.bins("k", 31, 32) == 16 and cfg.bins("v", 1, 32) == 32 \
+        and cfg.bins("v", 2, 32) == 16  # the authors' quantization_7b.json
+    loaded = persist.load_state(str(tmp_path), like=state, cfg=model.cfg)
+    for layer, got, a_k, a_v in zip(state.layers, loaded.layers, coded[0::2], coded[1::2]):
+        assert _bits_equal(layer.pos, got.pos)
+        valid = np.asarray(layer.pos) >= 0
+        for x, y, a in ((layer.k, got.k, a_k), (layer.v, got.v, a_v)):
+            assert y.dtype == x.dtype
+            x32, y32 = np.asarray(x, np.float32), np.asarray(y, np.float32)
+            bound = _cachegen_bound(x32, valid, a["bins"]) + np.abs(x32) * 2.0 ** -8  # + bf16 rounding of the output
+            assert np.all(np.abs(y32 - x32) <= bound + 1e-6), a["name"]
+            assert not np.array_equal(x32, y32)
+    with pytest.raises(ValueError, match="unknown codec 'zip'"):
+        persist.save_state(str(tmp_path), state, codec="zip")
+
+
+def test_cachegen_corrupt_or_truncated_stream_fails_with_one_line_error(tiny, tmp_path):
+    from kvjax.codec import cachegen
+
+    model, params, prompt = tiny
+    _, state = model.jit_prefill(params, prompt, model.init_state(2, T, jnp.bfloat16), logits="none")
+    x, valid = np.asarray(state.layers[0].k), np.asarray(state.layers[0].pos) >= 0
+    stream = cachegen.encode(x, valid, 16)
+    flipped = bytearray(stream)
+    flipped[len(stream) // 2] ^= 0x10
+    for bad, msg in ((stream[:-7], "truncated"), (stream[:30], "truncated"), (bytes(flipped), "CRC32"),
+                     (b"not a stream at all", "not a cachegen stream")):
+        with pytest.raises(cachegen.CacheGenError, match=msg) as e:
+            cachegen.decode(bad)
+        assert "\n" not in str(e.value)
+    info = persist.save_state(str(tmp_path), state, cfg=model.cfg, codec="cachegen")
+    i = next(j for j, a in enumerate(info["arrays"]) if a.get("codec") == "cachegen")
+    chunk = os.path.join(str(tmp_path), info["arrays_dir"], str(i), "c", "0")
+    good = open(chunk, "rb").read()
+    for bad, msg in ((good[:len(good) // 2], f"array {i} "), (good[:-40] + bytes([good[-40] ^ 1]) + good[-39:],
+                                                              "SHA-256 checksum mismatch of its cachegen stream")):
+        with open(chunk, "wb") as f:
+            f.write(bad)
+        with pytest.raises(persist.StateFileError, match=msg) as e:
+            persist.load_state(str(tmp_path))
+        assert "\n" not in str(e.value), str(e.value)
