@@ -121,3 +121,29 @@ def test_train_gates_on_tiny_model_and_deploy(tmp_path):
     assert sum(len(layer.streaming) for layer in st.layers) == 2
     _, full = prefill_compressed(lm.model, lm.params, prompt, decode_room=2)
     assert kvjax.kv_nbytes(st) < kvjax.kv_nbytes(full)
+
+
+def test_gated_layer_attention_equals_plain_mix():
+    """GatedDuoKV (the training view) against a numpy computation: per KV head, gate x softmax over every visible key
+    + (1 - gate) x softmax over the sinks and the recent window, the query heads of a group sharing their head's gate."""
+    from kvjax.compress.duo_attention import GatedDuoKV
+    from kvjax.state import DenseKV
+
+    rng = np.random.default_rng(3)
+    b, hkv, g, t, d, n_sink, recent = 1, 2, 2, 9, 4, 2, 3
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((b, hkv * g, t, d), (b, hkv, t, d), (b, hkv, t, d)))
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, hkv, t))
+    cache = DenseKV(k=jnp.asarray(k), v=jnp.asarray(v), pos=jnp.asarray(pos), fill=jnp.full((b, hkv), t, jnp.int32))
+    gates = np.array([0.25, 0.9], np.float32)
+    out, _ = GatedDuoKV(cache, jnp.asarray(gates), n_sink, recent).attend(jnp.asarray(q), jnp.asarray(pos[:, 0]))
+    want = np.zeros((b, hkv * g, t, d), np.float32)
+    for h in range(hkv * g):
+        kv = h // g
+        for i in range(t):
+            s = k[0, kv, : i + 1] @ q[0, h, i] / np.sqrt(d)
+            full = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            keep = np.array([j < n_sink or i - j < recent for j in range(i + 1)])
+            e = np.where(keep, np.exp(s - s[keep].max()), 0.0)
+            mix = gates[kv] * full + (1 - gates[kv]) * e / e.sum()
+            want[0, h, i] = mix @ v[0, kv, : i + 1]
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)

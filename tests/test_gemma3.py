@@ -376,3 +376,28 @@ def test_xkv_full_rank_decodes_like_the_full_cache(gemma, rng):
         want, state = model.jit_decode_step(params, jnp.asarray(tokens[:, t]), state)
         got, comp = model.jit_decode_step(params, jnp.asarray(tokens[:, t]), comp)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, err_msg=f"step {t}")
+
+
+def test_duo_gate_training_forward_on_gemma(gemma_base, rng):
+    """DuoAttention's gate training runs Gemma 3's own forward (QK-norm, softmax scale, local ring layers) over gated
+    global layers: all gates at 1 give the model's final hidden states; only global layers' gates get gradients and
+    the deployment sparsity counts their heads only."""
+    from kvjax.compress.duo_attention import deployment_pattern, gated_layer_mask
+    from kvjax.train.duo import gated_hidden, make_loss
+
+    _, model, params = gemma_base
+    cfg = model.cfg
+    tokens, mask = _padded_batch(rng, cfg.vocab_size)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    ones = jnp.ones((cfg.num_layers, cfg.num_kv_heads))
+    want, _, _ = model.forward_impl(cfg, params, tokens, model.init_state(2, T), mask, logits="hidden")
+    got = gated_hidden(cfg, params, ones, tokens, mask, 2, 4)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    eligible = gated_layer_mask(cfg)
+    assert not eligible[_local_layers(cfg)].any() and eligible.any()
+    batch = {"tokens": tokens, "mask": mask, "label_mask": mask}
+    grads = jax.grad(lambda g: make_loss(model, 2, 4, 0.05)(g, params, batch, None)[0])({"gates": ones * 0.5})
+    g = np.asarray(grads["gates"])
+    assert np.all(g[~eligible] == 0) and np.all(g[eligible] != 0)
+    pat = deployment_pattern(np.full(eligible.shape, 0.3), sparsity=1.0, eligible=eligible)
+    assert (pat == ~eligible).all()  # every global head streaming, local layers untouched

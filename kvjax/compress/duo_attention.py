@@ -101,6 +101,84 @@ class DuoKV:
         return out.reshape(b, hq, t, -1), {}
 
 
+@struct.dataclass
+class GatedDuoKV:
+    """The training view of one global layer (:mod:`kvjax.train.duo`): a plain :class:`~kvjax.state.DenseKV` whose
+    KV head ``h`` attends ``gates[h] * full + (1 - gates[h]) * streaming``, streaming being the same softmax restricted
+    to the ``n_sink`` first positions and the ``recent`` most recent ones (the authors' training mask). The model's
+    own forward runs over a state of these layers, so the gates train through the same attention block (projections,
+    QK-norm, RoPE, softmax scale) that inference uses; with every gate at 1 it is the model."""
+
+    cache: DenseKV
+    gates: jax.Array  # (Hkv,)
+    n_sink: int = struct.field(pytree_node=False, default=64)
+    recent: int = struct.field(pytree_node=False, default=256)
+    ring_start = -1
+
+    @property
+    def window(self) -> int:
+        return self.cache.window
+
+    @property
+    def pos(self):
+        return self.cache.pos
+
+    @property
+    def fill(self):
+        return self.cache.fill
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    @property
+    def extras(self) -> dict:
+        return {}
+
+    def dense(self):
+        return self.cache.dense()
+
+    def append(self, k, v, pos) -> "GatedDuoKV":
+        return self.replace(cache=self.cache.append(k, v, pos))
+
+    def attend(self, q, q_pos, *, sm_scale=None, softcap=0.0, observe=None, impl="reference"):
+        from kvjax.attention import NEG_INF, _probs, _scores  # noqa: PLC0415
+
+        b, hq, t, d = q.shape
+        k, v = self.cache.dense()
+        hkv = k.shape[1]
+        qg = q.reshape(b, hkv, hq // hkv, t, d)
+        scale = d ** -0.5 if sm_scale is None else sm_scale
+        s, vis = _scores(qg, k, q_pos, self.cache.pos, scale, self.window, softcap)
+        qp, kp = q_pos[:, None, None, :, None], self.cache.pos[:, :, None, None, :]
+        local = vis & ((kp < self.n_sink) | (qp - kp < self.recent))
+        vf = v.astype(jnp.float32)
+        full = jnp.einsum("bhgts,bhsd->bhgtd", _probs(s, vis), vf)
+        stream = jnp.einsum("bhgts,bhsd->bhgtd", _probs(jnp.where(local, s, NEG_INF), local), vf)
+        a = self.gates.astype(jnp.float32)[None, :, None, None, None]
+        out = a * full + (1 - a) * stream
+        return out.reshape(b, hq, t, -1).astype(q.dtype), {}
+
+
+def gated_layers(state: KVState, gates, n_sink: int, recent: int) -> KVState:
+    """``state`` with every global dense layer ``i`` made a :class:`GatedDuoKV` with ``gates[i]`` (sliding-window
+    layers, already local, are left alone)."""
+    layers = tuple(GatedDuoKV(layer, gates[i], n_sink, recent)
+                   if isinstance(layer, DenseKV) and not layer.window else layer
+                   for i, layer in enumerate(state.layers))
+    return state.replace(layers=layers)
+
+
+def gated_layer_mask(cfg) -> np.ndarray:
+    """Bool ``(L, Hkv)``: the heads DuoAttention acts on (those of global layers; Gemma's sliding-window layers and
+    Mistral's windowed ones are already local)."""
+    from kvjax.state import init_state  # noqa: PLC0415
+
+    state = init_state(cfg, 1, 1)
+    glob = [isinstance(layer, DenseKV) and not layer.window for layer in state.layers]
+    return np.repeat(np.asarray(glob, bool)[:, None], cfg.num_kv_heads, axis=1)
+
+
 class DuoGates:
     """Gate values ``(L, Hkv)`` (trained, in [0, 1]); hashes by identity (a static method field)."""
 
@@ -122,17 +200,20 @@ def load_gates(path: str) -> DuoGates:
     return DuoGates(np.clip(np.asarray(params["gates"]), 0, 1), {**info, "path": path})
 
 
-def deployment_pattern(gates: np.ndarray, *, sparsity: float | None = None, threshold: float = 0.5) -> np.ndarray:
-    """Bool ``(L, Hkv)``: True = retrieval head. ``sparsity`` (fraction of streaming heads, over all layers) wins
-    over ``threshold``, as in the authors' ``sparsify_attention_heads`` (ties broken by head order instead of their
-    random noise, so that the split is deterministic)."""
+def deployment_pattern(gates: np.ndarray, *, sparsity: float | None = None, threshold: float = 0.5,
+                       eligible: np.ndarray | None = None) -> np.ndarray:
+    """Bool ``(L, Hkv)``: True = retrieval head. ``sparsity`` (fraction of streaming heads, over all ``eligible``
+    heads: those of global layers, default all) wins over ``threshold``, as in the authors'
+    ``sparsify_attention_heads`` (ties broken by head order instead of their random noise, so that the split is
+    deterministic). Heads outside ``eligible`` are never made streaming."""
     g = np.asarray(gates, np.float64)
+    ok = np.ones(g.shape, bool) if eligible is None else np.asarray(eligible, bool)
     if sparsity is None:
-        return g >= threshold
-    n = g.size
-    n_stream = int(round(sparsity * n))
-    order = np.lexsort((np.arange(n), g.ravel()))  # lowest gates first
-    keep = np.ones(n, bool)
+        return (g >= threshold) | ~ok
+    n_stream = int(round(sparsity * int(ok.sum())))
+    flat = np.where(ok, g, np.inf).ravel()  # ineligible heads sort last
+    order = np.lexsort((np.arange(flat.size), flat))  # lowest gates first
+    keep = np.ones(flat.size, bool)
     keep[order[:n_stream]] = False
     return keep.reshape(g.shape)
 
@@ -175,7 +256,8 @@ class DuoAttention(Method):
         if g.shape != (cfg.num_layers, cfg.num_kv_heads):
             raise ValueError(f"DuoAttention gates of shape {g.shape} do not fit this model ({cfg.num_layers} layers, "
                              f"{cfg.num_kv_heads} KV heads): they were trained for another")
-        return deployment_pattern(g, sparsity=self.sparsity, threshold=self.threshold)
+        return deployment_pattern(g, sparsity=self.sparsity, threshold=self.threshold,
+                                  eligible=gated_layer_mask(cfg))
 
     def validate(self, ctx: Context) -> None:
         self.pattern(ctx.cfg)

@@ -89,7 +89,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, t
     new_state = state.replace(layers=tuple(new_layers),
                               next_pos=state.next_pos + jnp.sum(token_mask, axis=1, dtype=jnp.int32))
     out = lm_logits(cfg, params, x, token_mask, logits)
-    if out is not None and cfg.final_logit_softcapping:
+    if out is not None and logits != "hidden" and cfg.final_logit_softcapping:
         cap = cfg.final_logit_softcapping
         out = cap * jnp.tanh(out / cap)
     return out, new_state, tuple(all_obs)

@@ -99,7 +99,8 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, state: KVState, t
     """Runs ``tokens`` ``(B, T)`` through the model, writing their keys/values into ``state``.
 
     Returns ``(logits, new_state, observations)``; ``logits`` is ``(B, T, V)`` (``logits="all"``), the last valid
-    token's ``(B, V)`` (``"last"``) or ``None`` (``"none"``); observations are a tuple with one dict per layer.
+    token's ``(B, V)`` (``"last"``), the final normed hidden states ``(B, T, D)`` (``"hidden"``) or ``None``
+    (``"none"``); observations are a tuple with one dict per layer.
     """
     if token_mask is None:
         token_mask = jnp.ones(tokens.shape, bool)
@@ -179,9 +180,11 @@ def lm_logits(cfg: ModelConfig, params: dict, x: jax.Array, token_mask: jax.Arra
         t = x.shape[1]
         last = t - 1 - jnp.argmax(token_mask[:, ::-1], axis=1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    elif which != "all":
-        raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
+    elif which not in ("all", "hidden"):
+        raise ValueError(f"logits must be 'all', 'last', 'hidden' or 'none', got {which!r}")
     x = final_norm(x) if final_norm is not None else rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    if which == "hidden":  # the final normed hidden states (B, T, D), before the LM head (distillation targets)
+        return x
     if "lm_head" in params:
         head = params["lm_head"]
     elif cfg.tie_word_embeddings:

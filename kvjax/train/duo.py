@@ -5,7 +5,10 @@
 the ``recent`` most recent ones, the authors' training mask); the loss is the authors': the mean over answer tokens
 (``label_mask``) of the mean squared difference of the final (normed) hidden states against the full model, plus
 ``reg_weight x mean |alpha|``. Gates start at 1 and are clamped to [0, 1] after every step (the authors'
-``initial_value`` and ``clamp_``). Llama-family models (the layers are scanned, each rematerialised).
+``initial_value`` and ``clamp_``). The hidden states come from the model's own forward (Llama family and Gemma 3 alike)
+over a state of :class:`~kvjax.compress.duo_attention.GatedDuoKV` layers: no second model path. Sliding-window layers
+(Gemma 3's local layers) are already local and carry no trained gate (their gates stay at 1 and are left out of the
+L1 term and of the deployment sparsity).
 """
 from __future__ import annotations
 
@@ -13,70 +16,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.models.llama import rms_norm, rope_frequencies, token_positions
-from kvjax.rope import apply_rope
-from kvjax.state import init_state, stack_layers
-
-NEG = -1e30
-
-
-def _mix_attention(q, k, v, pos, alpha, n_sink: int, recent: int):
-    """q ``(B, T, Hq, D)``, k/v ``(B, T, Hkv, D)`` (RoPE applied), ``alpha`` ``(Hkv,)`` → ``(B, T, Hq, D)``."""
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    qg = q.reshape(b, t, hkv, g, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg.astype(jnp.float32), k.astype(jnp.float32)) * d ** -0.5
-    qp, kp = pos[:, None, None, :, None], pos[:, None, None, None, :]
-    causal = (kp >= 0) & (qp >= 0) & (kp <= qp)
-    local = causal & ((kp < n_sink) | (qp - kp < recent))
-
-    def attn(mask):
-        p = jax.nn.softmax(jnp.where(mask, s, NEG), axis=-1)
-        p = jnp.where(mask, p, 0.0)
-        return jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
-
-    a = alpha.astype(jnp.float32)[None, None, :, None, None]
-    out = a * attn(causal) + (1 - a) * attn(local)
-    return out.reshape(b, t, hq, -1).astype(q.dtype)
+from kvjax.compress.duo_attention import gated_layer_mask, gated_layers
+from kvjax.state import init_state
 
 
 def gated_hidden(cfg, params, gates, tokens, mask, n_sink: int, recent: int):
-    """Final normed hidden states ``(B, T, D)`` with gated attention (``gates`` ``(L, Hkv)``; all ones = the full
+    """Final normed hidden states ``(B, T, D)`` of the model's own forward over a state whose global layers attend
+    with gated heads (:class:`kvjax.compress.duo_attention.GatedDuoKV`; ``gates`` ``(L, Hkv)``, all ones = the full
     model)."""
+    from kvjax.models import forward_fn  # noqa: PLC0415
+
     b, t = tokens.shape
-    state = init_state(cfg, b, 1)
-    pos = token_positions(state, mask)
-    rp = jnp.maximum(pos, 0)
-    inv = rope_frequencies(cfg, rp)
-    x = params["embed"][tokens]
-    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-    def proj(h, p, name):
-        y = h @ p[name]
-        return y + p[name + "_bias"] if name + "_bias" in p else y
-
-    @jax.checkpoint
-    def layer(x, inp):
-        p, alpha = inp
-        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-        q = apply_rope(proj(h, p, "q").reshape(b, t, hq, hd), rp, inv)
-        k = apply_rope(proj(h, p, "k").reshape(b, t, hkv, hd), rp, inv)
-        v = proj(h, p, "v").reshape(b, t, hkv, hd)
-        o = _mix_attention(q, k, v, pos, alpha, n_sink, recent).reshape(b, t, hq * hd)
-        x = x + o @ p["o"]
-        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        return x + (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"], None
-
-    x, _ = jax.lax.scan(layer, x, (stack_layers(params["layers"]).tree, gates))
-    return rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    state = gated_layers(init_state(cfg, b, t), gates, n_sink, recent)
+    hidden, _, _ = forward_fn(cfg)(cfg, params, tokens, state, mask, logits="hidden")
+    return hidden
 
 
 def make_loss(model, n_sink: int, recent: int, reg_weight: float):
     cfg = model.cfg
-    if cfg.architecture not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM") or cfg.sliding_window:
-        raise ValueError(f"DuoAttention gate training supports Llama-family models without sliding windows, not "
-                         f"{cfg.architecture}")
+    eligible = jnp.asarray(gated_layer_mask(cfg), jnp.float32)
+    if getattr(cfg, "mla_kv_rank", 0) or not eligible.any():
+        raise ValueError(f"DuoAttention gate training needs a model with global-attention layers of dense caches; "
+                         f"{cfg.architecture} (sliding_window={cfg.sliding_window}) has none")
 
     def loss(gates, params, batch, key):
         del key
@@ -87,7 +48,7 @@ def make_loss(model, n_sink: int, recent: int, reg_weight: float):
         out = gated_hidden(cfg, params, gates["gates"], tokens, mask, n_sink, recent)
         per_tok = jnp.mean(jnp.square(out.astype(jnp.float32) - ref.astype(jnp.float32)), axis=-1)
         distill = jnp.sum(per_tok * labels) / jnp.maximum(labels.sum(), 1.0)
-        reg = jnp.mean(jnp.abs(gates["gates"]))
+        reg = jnp.sum(jnp.abs(gates["gates"]) * eligible) / eligible.sum()  # local layers' gates are unused
         return distill + reg_weight * reg, {"distill": distill, "l1": reg}
 
     return loss
