@@ -94,7 +94,7 @@ def ppl_cell(lm, method, ctx_tokens: int, eval_tokens: int, chunk: int | None) -
         nll, _, _ = harness._stream_nll(lm.model, method, ctx, lm.params, state, target, logits)
         return float(np.exp(np.asarray(nll).mean()))
     rest, _, _ = lm.model.jit_forward(lm.params, target, state, logits="all")
-    nll = harness._chunk_nll(logits, rest, target)
+    nll, _ = harness._chunk_nll(logits, rest, target)  # (NLL, logits)
     return float(np.exp(np.asarray(nll).mean()))
 
 

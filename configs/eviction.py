@@ -30,7 +30,7 @@ def methods(budgets) -> dict:
         "window_only": {"name": "streaming_llm", "n_sink": 0, "window": b},
         **{m: {"budget": b} for m in ("snapkv", "pyramidkv", "adakv", "cake", "h2o", "scissorhands", "keyformer",
                                       "lazy_eviction", "d2o", "kvcrush")},
-    }
+    } | {"adakv": {"budget": b, "fixed_shapes": True}}  # static ragged sizes: one program for all prompts
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -3,7 +3,8 @@
 
 Every row scores prefix tokens by the attention of the last 32 prompt queries (observation window 32, always kept),
 max-pooled with kernel 7 (the SnapKV paper's LongBench setting and AdaKV's default), the query heads of a KV head
-averaged after pooling (GQA), and keeps 128 tokens per layer and KV head on average:
+averaged after pooling (GQA), and keeps 128 tokens per layer and KV head on average (AdaKV with ``fixed_shapes``:
+static ragged sizes, one compiled program for all prompts; the same kept tokens):
 
 * ``snapkv``: the same budget in every layer and head (uniform);
 * ``pyramidkv``: linearly decreasing layer budgets (beta 20);
@@ -42,8 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
         "full": {},
         "snapkv": {"budget": (BUDGET,), **SNAP},
         "pyramidkv": {"budget": (BUDGET,), **SNAP},
-        "adakv": {"budget": (BUDGET,), **SNAP, "allocation": "ffy0"},
-        "adakv_safeguard": {"name": "adakv", "budget": (BUDGET,), **SNAP, "allocation": "safeguard"},
+        "adakv": {"budget": (BUDGET,), **SNAP, "allocation": "ffy0", "fixed_shapes": True},
+        "adakv_safeguard": {"name": "adakv", "budget": (BUDGET,), **SNAP, "allocation": "safeguard",
+                            "fixed_shapes": True},
         "cake": {"budget": (BUDGET,), **SHARED, "gamma": 0.0},
         "kvcrush": {"budget": (BUDGET,), "base": {"name": "snapkv", **SNAP}},
     })

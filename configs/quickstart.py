@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Method name -> hyper-parameters; a tuple is a sweep. Unlisted hyper-parameters take the paper's defaults.
     methods = {"full": {}, "streaming_llm": {"n_sink": 4, "window": (BUDGET - 4,)}}
     methods.update({m: {"budget": (BUDGET,)} for m in EVICTION})
+    methods["adakv"]["fixed_shapes"] = True  # static ragged sizes: one compiled program for all prompts
     methods.update({"kivi": {"bits": (2,)}, "gear": {"bits": (4,)}, "mikv": {"lo_bits": (2,)}, "rotatekv": {"bits": (2,)},
                     "int8": {}, "int4": {}})
     c.methods = ml_collections.ConfigDict(methods)

@@ -17,7 +17,7 @@ import kvjax
 from kvjax.attention import Observe, reference_attention
 from kvjax.compress import chain, get_method
 from kvjax.generate import prefill_compressed
-from kvjax.state import DenseKV, RaggedKV, as_dense_layer, ragged_from_dense
+from kvjax.state import DenseKV, RaggedKV, as_dense_layer, ragged_from_dense, valid_nbytes
 from pallas_kernels import attention_impl
 from pallas_kernels.ragged_decode_attention import ragged_decode_attention
 from pallas_kernels.reference import ragged_decode_attention_reference
@@ -172,3 +172,30 @@ def test_adakv_ragged_equals_padded_in_fewer_bytes_and_chains(tiny):
         chain(get_method("h2o", budget=6), get_method("adakv", **ada))
     with pytest.raises(ValueError, match="storage"):
         get_method("adakv", storage="paged")
+
+
+@pytest.mark.slow
+def test_adakv_fixed_shapes_keeps_the_same_tokens_with_static_sizes(tiny):
+    """``fixed_shapes=True``: the same kept tokens and logits as the exact ragged sizes, with sizes that do not depend
+    on the prompt (one compiled decode program for every prompt of a shape)."""
+    model, params = tiny
+    room = 2
+    ada = dict(budget=6, window=3, kernel=3, allocation="ffy0", gqa_order="pool_then_reduce")
+    sizes = set()
+    for seed in (0, 1):
+        prompt = jnp.asarray(np.random.default_rng(seed).integers(0, 64, (2, 12)), jnp.int32)
+        exact = prefill_compressed(model, params, prompt, method=get_method("adakv", **ada), decode_room=room)[1]
+        fixed = prefill_compressed(model, params, prompt, method=get_method("adakv", fixed_shapes=True, **ada),
+                                   decode_room=room)[1]
+        for le, lf in zip(exact.layers, fixed.layers):
+            pe, pf = np.asarray(as_dense_layer(le).pos), np.asarray(as_dense_layer(lf).pos)
+            for b in range(2):
+                for h in range(pe.shape[1]):
+                    assert sorted(pe[b, h][pe[b, h] >= 0].tolist()) == sorted(pf[b, h][pf[b, h] >= 0].tolist())
+            assert lf.flat_size >= le.flat_size and lf.max_len >= le.max_len
+        sizes.add(tuple((lf.flat_size, lf.max_len) for lf in fixed.layers))
+        tok = jnp.asarray([3, 5], jnp.int32)
+        np.testing.assert_allclose(np.asarray(model.jit_decode_step(params, tok, fixed)[0]),
+                                   np.asarray(model.jit_decode_step(params, tok, exact)[0]), atol=1e-5)
+        assert valid_nbytes(fixed) == valid_nbytes(exact)
+    assert len(sizes) == 1

@@ -21,6 +21,14 @@ The result is ragged: heads hold different numbers of tokens, found on the host:
 the prefill runs eagerly (``jittable`` is False; traced anyway, e.g. inside a jitted chain, the sizes fall back to the
 worst case). ``head_budgets="uniform"`` is exactly :class:`~kvjax.compress.snapkv.SnapKV` with these settings.
 
+Shapes (``fixed_shapes``): by default the ragged sizes are exact, found on the host per prompt (the flat size of
+each layer and the largest head segment ``max_len``), so every prompt gets its own compiled decode program (about
+2 min per prompt on a 2-core CPU). ``fixed_shapes=True`` uses the static worst case instead, as a traced prefill
+does (flat size ``H (budget + 1 + room)`` per layer, ``max_len`` = ``window + H (budget - window) + H + room``):
+the same tokens are kept and attended, all prompts of one shape share one program, and the allocated bytes include
+up to ``H`` slack slots per layer (at most ``H / 2`` are used by FFY0's rounding); the valid bytes do not change.
+The experiment configs set it.
+
 Storage (``storage``): ``"ragged"`` (the default) stores the layer as a :class:`~kvjax.state.RaggedKV`: one flat
 buffer of all heads' tokens per batch row with per-head offsets, every head followed by its own ``decode_room``
 slots, so the cache's bytes are those of the tokens kept (``H * budget`` per layer and row) plus the decode room and
@@ -117,6 +125,7 @@ class AdaKV(SnapKV):
     storage: str = "ragged"  # "ragged" (RaggedKV, bytes of the kept tokens) or "padded" (DenseKV of the largest head)
     allocation: str = "ffy0"  # "ffy0" (authors' code) or "safeguard" (kvpress's rule)
     gqa_order: str = "reduce_then_pool"  # FFY0's GQA mode; kvpress: "pool_then_reduce"
+    fixed_shapes: bool = False  # ragged sizes at their static worst case (one compiled program per prompt shape)
     name: ClassVar[str] = "adakv"
     family: ClassVar[str] = "eviction"  # (``kind`` is per instance: "ragged" or "dense")
 
@@ -150,7 +159,7 @@ class AdaKV(SnapKV):
             keep = _keep(self, layer, o, state.next_pos, per_head)
             h = layer.k.shape[1]
             traced = isinstance(keep, jax.core.Tracer)
-            if traced:  # traced (e.g. inside a jitted chain): static worst case
+            if traced or self.fixed_shapes:  # traced (e.g. inside a jitted chain) or asked for: static worst case
                 size = min(layer.capacity, self.window + h * per_head + h)  # ffy0's rounding: <= H/2 more
             else:  # eager prefill: the largest head's count
                 size = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))
@@ -158,7 +167,7 @@ class AdaKV(SnapKV):
                 return compact_ragged(layer, o, keep, size=size, room=ctx.decode_room)
             dense, o = compact_ragged(layer, o, keep, size=size, room=0)
             bound = dict(size=h * (min(self.budget, layer.capacity) + 1 + ctx.decode_room),
-                         max_len=size + ctx.decode_room) if traced else {}
+                         max_len=size + ctx.decode_room) if traced or self.fixed_shapes else {}
             return ragged_from_dense(dense, ctx.decode_room, **bound), o
 
         state, obs = map_global_layers(state, obs, one, per_layer=True)
