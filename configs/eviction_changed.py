@@ -1,0 +1,29 @@
+"""configs/eviction.py (each paper's own scoring defaults) restricted to what fits a shared 2-core machine: budget 128
+only, the rows issue 11 changed (PyramidKV with layer budgets from the prompt's length, AdaKV with FFY0's rule,
+Scissorhands keeping B after prefill, Keyformer scoring all prompt queries) and the rows they are read against (full
+cache, StreamingLLM 4 + 124, SnapKV, H2O); 8 single-needle prompts per row as configs/eviction.py, perplexity only
+compressed once (then growing; decode-time eviction off, as kvpress scores every press), not token by token.
+
+python -m kvjax.launch --config=configs/eviction_changed.py
+"""
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location("eviction", pathlib.Path(__file__).with_name("eviction.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+KEEP = ("full", "streaming_llm", "snapkv", "pyramidkv", "adakv", "h2o", "scissorhands", "keyformer")
+
+
+def get_config():
+    c = _base.get_config()
+    c.run_dir = "runs/eviction_changed"
+    for name in list(c.methods.keys()):
+        if name not in KEEP:
+            del c.methods[name]
+    c.methods.streaming_llm.window = (124,)
+    for name in KEEP[2:]:
+        c.methods[name].budget = (128,)
+    c.perplexity.mode = ("once",)
+    return c
