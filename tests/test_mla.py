@@ -191,3 +191,24 @@ def test_distillation_step_lowers_loss(tiny):
         state, m = step(state, lm.params, batch)
     last = float(evaluate(state.params, lm.params, batch, None)[0])
     assert last < 0.9 * first
+
+
+@pytest.mark.slow
+def test_transmla_exact_rewrite_smollm2():
+    """TransMLA's exact rewrite of SmolLM2-135M (RoRoPE rotation calibrated on the prompt, every rotated head kept as
+    the RoPE key) reproduces its logits within float tolerance and keeps its KV bytes; absorbed == expanded."""
+    from kvjax.pretrained import load_pretrained
+
+    lm = load_pretrained("smollm2-135m", progress=False)
+    ids = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)[:48]
+    prompt = jnp.asarray([ids], jnp.int32)
+    ref, ref_state, _ = _logits(lm.cfg, lm.params, prompt)
+    covs = upcycle.kv_covariance(lm.model, lm.params, [(prompt, np.ones(prompt.shape, bool))])
+    mcfg, mp = upcycle.upcycle(lm.cfg, lm.params, rope_heads=lm.cfg.num_kv_heads, init="pca", covs=covs)
+    out, state, _ = _logits(mcfg, mp, prompt)
+    scale = float(jnp.max(jnp.abs(ref)))
+    assert float(jnp.max(jnp.abs(out - ref))) < 1e-4 * scale
+    assert (np.asarray(jnp.argmax(out, -1)) == np.asarray(jnp.argmax(ref, -1))).all()
+    assert kv_nbytes(state) == kv_nbytes(ref_state)
+    exp, _, _ = _logits(mcfg, mp, prompt, impl="expanded")
+    assert float(jnp.max(jnp.abs(out - exp))) < 1e-4 * scale
