@@ -82,6 +82,9 @@ def prefill_compressed(model: Model, params, prompt: jax.Array, *, method=None, 
     method = Identity() if method is None else method
     b, t = prompt.shape
     ctx = Context(cfg=model.cfg, decode_room=decode_room, params=params, prompt_len=t)
+    from kvjax.compress.base import check_latent  # noqa: PLC0415
+
+    check_latent(method, model.cfg)
     method.validate(ctx)
     full = type(method) is Identity
     if state is None:
@@ -100,7 +103,9 @@ def compress_prefilled(method, state: KVState, obs, ctx) -> KVState:
     Jittable methods run jitted with ``(method, ctx)`` static; others (data-dependent shapes) run eagerly.
     """
     from kvjax.attention import restrict_observations  # noqa: PLC0415
+    from kvjax.compress.base import check_latent  # noqa: PLC0415
 
+    check_latent(method, ctx.cfg)
     obs = restrict_observations(obs, method.observe())
     if getattr(method, "jittable", True):  # params stay out of the static context (they are not hashable)
         return _apply_prefill(method, dataclasses.replace(ctx, params=None), state, obs)

@@ -114,6 +114,11 @@ def test_mla_state_refused_by_gqa_model_and_bad_impl(tiny):
         kvjax.Model(cfg).prefill(params, prompt, kvjax.Model(mcfg).init_state(2, 20))
     with pytest.raises(ValueError, match="unknown attention impl 'expanded'"):
         kvjax.Model(cfg, impl="expanded")
+    from kvjax.compress import get_method
+    from kvjax.generate import prefill_compressed
+
+    with pytest.raises(ValueError, match="h2o cannot run on an MLA model's latent cache"):
+        prefill_compressed(kvjax.Model(mcfg), None, prompt, method=get_method("h2o", budget=8), decode_room=2)
 
 
 def test_snapkv_on_latent_cache(tiny):

@@ -127,6 +127,7 @@ class AdaKV(SnapKV):
     gqa_order: str = "reduce_then_pool"  # FFY0's GQA mode; kvpress: "pool_then_reduce"
     fixed_shapes: bool = False  # ragged sizes at their static worst case (one compiled program per prompt shape)
     name: ClassVar[str] = "adakv"
+    latent_ok: ClassVar[bool] = False  # not checked on MLA latent caches (SnapKV is)
     family: ClassVar[str] = "eviction"  # (``kind`` is per instance: "ragged" or "dense")
 
     def __post_init__(self):

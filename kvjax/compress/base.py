@@ -57,6 +57,9 @@ class Method:
     # One of FAMILIES, for tables and plots; "" = derived by method_family() from kind and phases.
     family: ClassVar[str] = ""
     needs_dense: ClassVar[bool] = True  # it reads/gathers float keys and values
+    # It runs on MLA latent caches (kvjax.state.LatentKV): needs only scores from the attention's observations and
+    # positions, and gathers slots with gather_layer (SnapKV). Others are refused on an MLA model (check_latent).
+    latent_ok: ClassVar[bool] = False
     every: int = 1  # decode hook period (only methods with a decode phase use it)
     # The decode phase accepts a StackedLayers cache (it maps over layers with evict.map_decode_layers), so the decode
     # loop need not unstack the cache around every hook.
@@ -94,6 +97,17 @@ class Identity(Method):
     """The uncompressed full cache (the baseline)."""
 
     name: ClassVar[str] = "full"
+
+
+def check_latent(method: "Method", cfg) -> None:
+    """One-line error when ``method`` cannot run on the latent cache of an MLA model (``cfg.attention_type``)."""
+    if getattr(cfg, "attention_type", "gqa") != "mla":
+        return
+    members = method.methods if isinstance(method, Chain) else (method,)
+    bad = [m.name for m in members if not (isinstance(m, Identity) or m.latent_ok)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} cannot run on an MLA model's latent cache (it reads per-head keys/values "
+                         "or observations MLA does not provide); methods that can: snapkv")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,7 @@ class PyramidKV(SnapKV):
     pooling: str = "maxpool"
     beta: float = 20.0
     name: ClassVar[str] = "pyramidkv"
+    latent_ok: ClassVar[bool] = False  # not checked on MLA latent caches (SnapKV is)
 
     def __post_init__(self):
         super().__post_init__()

@@ -46,6 +46,7 @@ class SnapKV(Method):
     gqa_reduce: str = "mean"  # how the query heads of a KV head are combined: mean, max or sum
     gqa_order: str = "pool_then_reduce"  # or "reduce_then_pool"
     name: ClassVar[str] = "snapkv"
+    latent_ok: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive("window", self.window)
