@@ -22,9 +22,11 @@ MIB = 2**20
 
 
 def rows_by_label(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
-    """``{label: {task: [rows]}}`` in first-seen order."""
+    """``{label: {task: [rows]}}`` in first-seen order; a cell run again (same ``key``: label, task, length, depth,
+    seed; e.g. after the model's config fingerprint changed) counts once, its latest row."""
+    latest = {r.get("key", id(r)): r for r in rows}
     out: dict[str, dict[str, list[dict]]] = {}
-    for r in rows:
+    for r in latest.values():
         out.setdefault(r["label"], {}).setdefault(r["task"], []).append(r)
     return out
 
