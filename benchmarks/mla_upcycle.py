@@ -2,7 +2,9 @@
 Shakespeare), needle accuracy and answer log-prob, for the original model, X-EcoMLA's SVD initialisation without
 training, and after KL distillation (``configs/mla_distill.py``).
 
-    nice -n 10 python benchmarks/mla_upcycle.py --ranks 192,96,32 --steps 60 --out runs/mla_bench
+    nice -n 10 python benchmarks/mla_upcycle.py --ranks 96,32 --steps 20 --seq-len 128 --lr 1e-3 --out runs/mla_bench
+    nice -n 10 python benchmarks/mla_upcycle.py --ranks 96,32 --diagnostics --out runs/mla_bench
+    python benchmarks/mla_upcycle.py --report-only --out runs/mla_bench
 
 Writes ``<out>/results.json``, ``<out>/table.md`` and ``<out>/mla_quality_vs_bytes.png`` (copy the plot to
 docs/results/ for the README). Every model is saved under ``<out>/<variant>/model`` and evaluated by path
@@ -129,11 +131,18 @@ def main() -> None:
     ap.add_argument("--rope-heads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=60, help="distillation steps per rank (0: no distillation)")
     ap.add_argument("--config", default="configs/mla_distill.py")
+    ap.add_argument("--seq-len", type=int, default=0, help="distillation window length (0: the config's)")
+    ap.add_argument("--batch", type=int, default=0, help="distillation batch size (0: the config's)")
+    ap.add_argument("--lr", type=float, default=0.0, help="distillation peak learning rate (0: the config's)")
     ap.add_argument("--out", default="runs/mla_bench")
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--ppl-len", type=int, default=256)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--snap-budget", type=int, default=128)
+    ap.add_argument("--report-only", action="store_true", help="only rewrite table.md and the plot from results.json")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="perplexity-only rows that separate the two approximations: partial RoPE at full latent rank, "
+                         "and TransMLA's PCA (calibrated) instead of X-EcoMLA's SVD at each rank, untrained")
     args = ap.parse_args()
 
     from kvjax import upcycle
@@ -153,7 +162,33 @@ def main() -> None:
             json.dump(rows, f, indent=1)
         os.replace(res_path + ".tmp", res_path)
 
+    if args.report_only:
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(table(rows) + "\n")
+        plot(rows, os.path.join(args.out, "mla_quality_vs_bytes.png"))
+        print(table(rows))
+        return
     lm = load_pretrained(args.model)
+    if args.diagnostics:
+        ranks = [int(x) for x in args.ranks.split(",")]
+        trainer = MLATrainer({"rope_heads": args.rope_heads, "init": "pca"})
+        covs = trainer.calibration(lm)
+        specs = [(f"partial_rope_full_r{upcycle.full_rank(lm.cfg, args.rope_heads)}", None, "pca")]
+        specs += [(f"pca_r{r}", r, "pca") for r in ranks]
+        for label, r, init in specs:
+            if label in done:
+                continue
+            cfg, params = upcycle.upcycle(lm.cfg, lm.params, rope_heads=args.rope_heads, kv_rank=r, init=init,
+                                          covs=covs)
+            from kvjax.pretrained import Pretrained
+            sub = Pretrained(label, cfg, params, lm.tokenizer, lm.prompt_style)
+            row = {"variant": label, "attention": "mla", "kv_rank": cfg.mla_kv_rank, "rope_dim": cfg.mla_rope_dim,
+                   **kv_bytes_per_token(cfg), "ppl_wikipedia": perplexity(sub, "wikipedia", args.ppl_windows,
+                                                                           args.ppl_len),
+                   "ppl_shakespeare": perplexity(sub, "shakespeare", args.ppl_windows, args.ppl_len)}
+            print(json.dumps(row), flush=True)
+            record(row)
+        return
     if "original" not in done:
         record(evaluate(lm, args.model, "original", args.out, args))
     base = runpy.run_path(args.config)["get_config"]()
@@ -173,6 +208,16 @@ def main() -> None:
             c.run_dir = os.path.join(args.out, label)
             c.train.steps = args.steps
             c.train.method = method
+            c.train.eval_every = max(1, args.steps // 2)
+            c.train.checkpoint.every = args.steps
+            c.train.optim.warmup_steps = min(c.train.optim.warmup_steps, args.steps)
+            if args.seq_len:
+                c.train.data.seq_len = args.seq_len
+            if args.batch:
+                c.train.data.batch_size = args.batch
+            if args.lr:
+                c.train.optim.lr = args.lr
+                c.train.optim.end_lr = args.lr / 10
             t0 = time.perf_counter()
             summary = run_training(c, progress=False, lm=lm)
             secs = time.perf_counter() - t0
