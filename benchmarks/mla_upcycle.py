@@ -88,7 +88,9 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    groups = {"original": "k*", "svd": "o--", "distilled": "s-"}
+    groups = {"original": "k*", "svd": "o--", "distilled": "s-", "pca": "^:", "partial": "D"}
+    names = {"original": "original (GQA)", "svd": "X-EcoMLA SVD, untrained", "distilled": "SVD + 20 distillation steps",
+             "pca": "TransMLA PCA, untrained", "partial": "partial RoPE only (full rank 320)"}
     for key, ax, lab in (("ppl_wikipedia", axes[0], "perplexity, Wikipedia (held-out)"),
                          ("ppl_shakespeare", axes[1], "perplexity, Shakespeare"),
                          ("needle_acc", axes[2], "needle accuracy (8 prompts)")):
@@ -96,13 +98,13 @@ def plot(rows: list[dict], path: str) -> None:
             pts = sorted((r["kv_bytes_per_token"] / 1024, r[key]) for r in rows
                          if r["variant"].split("_r")[0] == g and r.get(key) is not None)
             if pts:
-                ax.plot(*zip(*pts), style, label=g)
+                ax.plot(*zip(*pts), style, label=names[g])
         ax.set_xlabel("KV KiB per token (all layers, f32)")
         ax.set_ylabel(lab)
         if key.startswith("ppl"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M upcycled to MLA: quality vs KV bytes")
     fig.tight_layout()
     tmp = path + ".tmp.png"
