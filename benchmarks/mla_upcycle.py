@@ -4,6 +4,7 @@ training, and after KL distillation (``configs/mla_distill.py``).
 
     nice -n 10 python benchmarks/mla_upcycle.py --ranks 96,32 --steps 20 --seq-len 128 --lr 1e-3 --out runs/mla_bench
     nice -n 10 python benchmarks/mla_upcycle.py --ranks 96,32 --diagnostics --out runs/mla_bench
+    nice -n 10 python benchmarks/mla_upcycle.py --ranks 96 --init pca --steps 20 --seq-len 128 --lr 1e-3 --out runs/mla_bench
     python benchmarks/mla_upcycle.py --report-only --out runs/mla_bench
 
 Writes ``<out>/results.json``, ``<out>/table.md`` and ``<out>/mla_quality_vs_bytes.png`` (copy the plot to
@@ -88,9 +89,10 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    groups = {"original": "k*", "svd": "o--", "distilled": "s-", "pca": "^:", "partial": "D"}
+    groups = {"original": "k*", "svd": "o--", "distilled": "s-", "pca": "^:", "partial": "D", "distilled_pca": "v-"}
     names = {"original": "original (GQA)", "svd": "X-EcoMLA SVD, untrained", "distilled": "SVD + 20 distillation steps",
-             "pca": "TransMLA PCA, untrained", "partial": "partial RoPE only (full rank 320)"}
+             "pca": "TransMLA PCA, untrained", "partial": "partial RoPE only (full rank 320)",
+             "distilled_pca": "PCA + 20 distillation steps"}
     for key, ax, lab in (("ppl_wikipedia", axes[0], "perplexity, Wikipedia (held-out)"),
                          ("ppl_shakespeare", axes[1], "perplexity, Shakespeare"),
                          ("needle_acc", axes[2], "needle accuracy (8 prompts)")):
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--ppl-len", type=int, default=256)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--snap-budget", type=int, default=128)
+    ap.add_argument("--init", default="svd", choices=("svd", "pca"),
+                    help="initialisation of the distilled models (svd: X-EcoMLA; pca: TransMLA, labels distilled_pca_r*)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite table.md and the plot from results.json")
     ap.add_argument("--diagnostics", action="store_true",
                     help="perplexity-only rows that separate the two approximations: partial RoPE at full latent rank, "
@@ -195,16 +199,16 @@ def main() -> None:
         record(evaluate(lm, args.model, "original", args.out, args))
     base = runpy.run_path(args.config)["get_config"]()
     for r in [int(x) for x in args.ranks.split(",")]:
-        method = {**base.train.method.to_dict(), "rope_heads": args.rope_heads, "kv_rank": r, "init": "svd"}
+        method = {**base.train.method.to_dict(), "rope_heads": args.rope_heads, "kv_rank": r, "init": args.init}
         label = f"svd_r{r}"
-        if label not in done:
+        if label not in done and args.init == "svd":
             trainer = MLATrainer(method)
             cfg, params = trainer.upcycled(lm)
             path = os.path.join(args.out, label, "model")
             upcycle.save_model(path, cfg, params, tokenizer=args.model, info={"init": "svd", "steps": 0})
             del params
             record(evaluate(load_pretrained(path), path, label, args.out, args))
-        label = f"distilled_r{r}"
+        label = f"distilled_r{r}" if args.init == "svd" else f"distilled_pca_r{r}"
         if args.steps and label not in done:
             c = base.copy_and_resolve_references()
             c.run_dir = os.path.join(args.out, label)
