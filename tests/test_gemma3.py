@@ -401,3 +401,34 @@ def test_duo_gate_training_forward_on_gemma(gemma_base, rng):
     assert np.all(g[~eligible] == 0) and np.all(g[eligible] != 0)
     pat = deployment_pattern(np.full(eligible.shape, 0.3), sparsity=1.0, eligible=eligible)
     assert (pat == ~eligible).all()  # every global head streaming, local layers untouched
+
+
+def test_locret_training_targets_on_gemma(gemma_base, rng):
+    """Locret's training targets come from Gemma 3's own attention (QK-norm, softmax scale, RoPE bases) for its
+    global layers only (local layers are skipped at inference): they equal the column max over the later queries of
+    probabilities recomputed here from the observed attention inputs, and the loss has finite gradients."""
+    from kvjax.compress.locret import causal_importance, init_heads
+    from kvjax.rope import apply_rope
+    from kvjax.models.llama import rope_frequencies
+    from kvjax.train.locret import layer_targets, make_loss
+
+    _, model, params = gemma_base
+    cfg = model.cfg
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T)), jnp.int32)
+    mask = jnp.ones((1, T), bool)
+    qmask = mask.at[:, : T - 5].set(False)
+    layers, qkv, target = layer_targets(model, params, tokens, mask, qmask)
+    glob = [i for i in range(cfg.num_layers) if i not in _local_layers(cfg)]
+    assert np.asarray(layers).tolist() == glob
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pos = jnp.arange(T)[None]
+    inv = rope_frequencies(cfg, pos)
+    for j, _ in enumerate(glob):
+        q = apply_rope(qkv[j][..., : hq * d].reshape(1, T, hq, d), pos, inv).transpose(0, 2, 1, 3)
+        k = apply_rope(qkv[j][..., hq * d: (hq + hkv) * d].reshape(1, T, hkv, d), pos, inv).transpose(0, 2, 1, 3)
+        want = causal_importance(q, k, pos, pos, qmask, hkv, sm_scale=(cfg.query_pre_attn_scalar or d) ** -0.5)
+        np.testing.assert_allclose(np.asarray(target[j]), np.asarray(want), rtol=1e-4, atol=1e-6)
+    heads = init_heads(cfg, jax.random.PRNGKey(0), 16)
+    batch = {"tokens": tokens, "mask": mask, "query_mask": qmask}
+    g = jax.grad(lambda h: make_loss(model)(h, params, batch, None)[0])(heads)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))

@@ -60,7 +60,12 @@ def test_oracle_scored_eviction_equals_eviction_by_true_attention():
     inv = rope_frequencies(CFG, pos)
     # True future attention: every token's largest attention probability from any query at or after it.
     oracle = np.stack([np.asarray(oracle_scores(CFG, o["qkv"], pos, jnp.ones((2, t), bool), inv)) for o in obs])
-    # ... which is what the model's own attention gives (column max of the probabilities).
+    # ... which is what the model's own attention gives (column max of the probabilities): the training targets.
+    from kvjax.train.locret import layer_targets
+
+    layers, _, targets = layer_targets(model, params, prompt, jnp.ones((2, t), bool), jnp.ones((2, t), bool))
+    assert np.asarray(layers).tolist() == [0, 1]
+    np.testing.assert_allclose(np.asarray(targets), oracle, rtol=1e-4, atol=1e-6)
     k0 = np.asarray(state.layers[0].k)
     assert oracle.shape == (2, 2, 2, t) and np.isfinite(oracle).all() and k0.shape[2] == t
     method = get_method("locret", budget=10, chunk_size=chunk, stabilizers=4, local_len=3)

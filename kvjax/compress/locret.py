@@ -195,6 +195,16 @@ def causal_importance(q: jax.Array, k: jax.Array, q_pos: jax.Array, k_pos: jax.A
     return p.max(axis=(2, 3))
 
 
+def importance_from_probs(probs: jax.Array, query_mask: jax.Array, num_kv_heads: int) -> jax.Array:
+    """:func:`causal_importance` from attention probabilities the model observed: ``probs`` ``(B, Hq, W, S)`` of the
+    call's last ``W`` queries (``Observe(window=W)``), ``query_mask`` ``(B, T)`` (its last ``W`` columns are those
+    queries; ``S = T``). Returns ``(B, Hkv, S)``."""
+    b, hq, w, s = probs.shape
+    qm = query_mask[:, -w:][:, None, :, None]
+    p = jnp.where(qm, probs.astype(jnp.float32), 0.0).reshape(b, num_kv_heads, hq // num_kv_heads, w, s)
+    return p.max(axis=(2, 3))
+
+
 def oracle_scores(cfg, qkv: jax.Array, pos: jax.Array, query_mask: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """:func:`causal_importance` from a layer's pre-RoPE ``qkv`` ``(B, T, F)`` (RoPE applied at ``pos``)."""
     from kvjax.rope import apply_rope  # noqa: PLC0415

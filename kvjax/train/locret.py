@@ -1,7 +1,8 @@
 """Training Locret's retaining heads (arXiv 2410.01805) on a frozen backbone: see :mod:`kvjax.compress.locret`.
 
 The loss of a batch: the backbone runs once (no gradient reaches it: only the heads are trainable) and returns every
-layer's attention inputs; per layer, the target is the causal importance of each token (max attention from the
+global layer's attention inputs and attention probabilities (the model's own forward: Llama family and Gemma 3);
+per layer, the target is the causal importance of each token (max attention from the
 batch's later queries, ``query_mask``), the prediction the retaining head's output, and the loss is the authors':
 Smooth-L1 (mean over layers, heads and tokens) + 0.0025 x the neighbouring-score MSE (summed over layers). The
 ``acc`` metric is the authors' too: overlap of the top 10% tokens by prediction and by target.
@@ -12,24 +13,31 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.attention import Observe
-from kvjax.compress.locret import head_scores, init_heads, locret_loss_terms, oracle_scores
-from kvjax.state import init_state
+from kvjax.compress.locret import head_scores, importance_from_probs, init_heads, locret_loss_terms
+from kvjax.state import DenseKV, init_state
 
 SMOOTH_WEIGHT = 0.0025  # the authors' train.py
 TOP_FRACTION = 0.1  # the authors' accuracy metric
 
 
-def layer_inputs(model, params, tokens, mask):
-    """``(qkv (L, B, T, F), positions (B, T), inv_freq)``: every layer's pre-RoPE attention inputs (frozen)."""
-    from kvjax.models.llama import rope_frequencies, token_positions  # noqa: PLC0415
-
+def layer_targets(model, params, tokens, mask, query_mask):
+    """``(layers, qkv, target)`` of the layers Locret acts on (global layers of dense caches; Gemma 3's sliding-window
+    layers are skipped at inference, so they get no target): ``layers`` ``(L',)`` their indices, ``qkv``
+    ``(L', B, T, F)`` their pre-RoPE attention inputs and ``target`` ``(L', B, Hkv, T)`` each token's causal importance,
+    all from one run of the model's own forward (frozen): the probabilities are the model's attention (its RoPE,
+    QK-norm and softmax scale), observed for every query and reduced by :func:`importance_from_probs`."""
     cfg = model.cfg
     b, t = tokens.shape
     state = init_state(cfg, b, t)
-    _, _, obs = model.forward_impl(cfg, params, tokens, state, mask, observe=Observe(inputs=True), logits="none")
-    qkv = jax.lax.stop_gradient(jnp.stack([o["qkv"] for o in obs]))
-    pos = token_positions(state, mask)
-    return qkv, pos, rope_frequencies(cfg, jnp.maximum(pos, 0))
+    _, _, obs = model.forward_impl(cfg, params, tokens, state, mask, observe=Observe(inputs=True, window=t),
+                                   logits="none")
+    layers = [i for i, (o, c) in enumerate(zip(obs, state.layers))
+              if "qkv" in o and "window" in o and isinstance(c, DenseKV) and not c.window]
+    if not layers:
+        raise ValueError(f"Locret training needs global-attention layers of dense caches; {cfg.architecture} has none")
+    qkv = jax.lax.stop_gradient(jnp.stack([obs[i]["qkv"] for i in layers]))
+    target = jnp.stack([importance_from_probs(obs[i]["window"], query_mask, cfg.num_kv_heads) for i in layers])
+    return jnp.asarray(layers, jnp.int32), qkv, jax.lax.stop_gradient(target)
 
 
 def _top_overlap(pred, target, units):
@@ -44,25 +52,23 @@ def _top_overlap(pred, target, units):
 
 def make_loss(model):
     """``loss(heads, backbone_params, batch, key) -> (loss, metrics)`` for :func:`kvjax.train.make_train_step`."""
-    cfg = model.cfg
-    if cfg.architecture not in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
-        raise ValueError(f"Locret training supports the Llama family, not {cfg.architecture}")
+    if getattr(model.cfg, "mla_kv_rank", 0):
+        raise ValueError("Locret training needs dense KV caches; an MLA model's latent cache has none")
 
     def loss(heads, params, batch, key):
         del key
         mask = jnp.asarray(batch["mask"])
         qmask = jnp.asarray(batch["query_mask"]) & mask
-        qkv, pos, inv_freq = layer_inputs(model, params, jnp.asarray(batch["tokens"]), mask)
+        layers, qkv, targets = layer_targets(model, params, jnp.asarray(batch["tokens"]), mask, qmask)
         units = mask & ~qmask
 
         def per_layer(args):
-            i, x = args
-            target = oracle_scores(cfg, x, pos, qmask, inv_freq)
+            i, x, target = args
             pred = head_scores(heads, i, x)
             reg, smooth = locret_loss_terms(pred, target, units)
             return reg, smooth, _top_overlap(pred, target, units)
 
-        reg, smooth, acc = jax.lax.map(per_layer, (jnp.arange(cfg.num_layers), qkv))
+        reg, smooth, acc = jax.lax.map(per_layer, (layers, qkv, targets))
         total = reg.mean() + SMOOTH_WEIGHT * smooth.sum()
         return total, {"regression": reg.mean(), "smoothness": smooth.sum(), "top10_overlap": acc.mean()}
 
