@@ -355,6 +355,7 @@ def test_real_gemma3_perplexity_matches_transformers(real_gemma):
     assert np.abs(ours - theirs).max() < 1e-3
 
 
+@pytest.mark.slow  # ~20 s (one more Gemma decode compilation); the Llama path is covered by tests/test_xkv.py
 def test_xkv_full_rank_decodes_like_the_full_cache(gemma, rng):
     """xKV on Gemma's global layers only (the scaled variant's two global layers form one group: the second reads
     the first's factors inside Gemma's own layer loop; RoPE scaling undone and re-applied exactly)."""
