@@ -600,18 +600,24 @@ def nbytes(tree: Any) -> int:
     return total
 
 
+def _is_cache(x: Any) -> bool:
+    """A layer cache object (dense, ragged, quantized ...): a dataclass with slot positions and a fill."""
+    return isinstance(x, (DenseKV, RaggedKV)) or (dataclasses.is_dataclass(x) and not isinstance(x, type)
+                                                  and hasattr(x, "pos") and hasattr(x, "fill"))
+
+
 def _sub_caches(layer: Any) -> list:
-    """The fields of a composite layer class that are themselves :class:`DenseKV` / :class:`RaggedKV` caches."""
+    """The fields of a composite layer class that are themselves caches (:class:`DenseKV`, :class:`RaggedKV`, a
+    quantized cache after a quantizer in a chain)."""
     if isinstance(layer, (DenseKV, RaggedKV)) or not dataclasses.is_dataclass(layer):
         return []
-    return [getattr(layer, f.name) for f in dataclasses.fields(layer)
-            if isinstance(getattr(layer, f.name), (DenseKV, RaggedKV))]
+    return [getattr(layer, f.name) for f in dataclasses.fields(layer) if _is_cache(getattr(layer, f.name))]
 
 
 def _array_fields(layer: Any) -> list[str]:
     """The names of a composite layer's pytree fields that are not sub-caches."""
     return [f.name for f in dataclasses.fields(layer) if f.metadata.get("pytree_node", True)
-            and not isinstance(getattr(layer, f.name), (DenseKV, RaggedKV))]
+            and not _is_cache(getattr(layer, f.name))]
 
 
 def kv_nbytes(tree: Any) -> int:

@@ -57,6 +57,12 @@ class Method:
     # One of FAMILIES, for tables and plots; "" = derived by method_family() from kind and phases.
     family: ClassVar[str] = ""
     needs_dense: ClassVar[bool] = True  # it reads/gathers float keys and values
+    # Kinds of non-dense caches the method also accepts before it in a chain (a quantizer quantizing the payload of
+    # cross-layer caches: ("crosslayer",)); such layers reach its prefill as they are.
+    also_accepts: ClassVar[tuple[str, ...]] = ()
+    # A decode-time method whose decode phase also runs on the quantized layers a later quantizer of the chain leaves
+    # (LaCache on per-token int8/int4 caches); it checks those quantizers in check_followers.
+    decodes_quantized: ClassVar[bool] = False
     # It runs on MLA latent caches (kvjax.state.LatentKV): needs only scores from the attention's observations and
     # positions, and gathers slots with gather_layer (SnapKV). Others are refused on an MLA model (check_latent).
     latent_ok: ClassVar[bool] = False
@@ -76,6 +82,10 @@ class Method:
 
     def validate(self, ctx: Context) -> None:
         """Raises ValueError for hyper-parameters that cannot work with this model/prompt (budgets, windows)."""
+
+    def check_followers(self, later: tuple["Method", ...]) -> None:
+        """Raises ValueError when a method that comes after this one in a chain cannot work with it (called by
+        :class:`Chain` when it is built)."""
 
     def prefill(self, state, obs, ctx: Context):
         return state, obs
@@ -122,10 +132,12 @@ class Chain(Method):
             raise ValueError("chain() needs at least one method")
         left = "dense"
         for j, m in enumerate(self.methods):
-            if m.needs_dense and left not in ("dense", "ragged"):  # ragged float layers convert exactly to dense
+            if m.needs_dense and left not in ("dense", "ragged") + m.also_accepts:  # ragged converts exactly to dense
                 raise ValueError(f"{m.name} needs a dense (float) cache but runs after a method that leaves a {left} "
                                  f"cache; put {m.name} before it in the chain")
-            later = [n.kind for n in self.methods[j + 1:] if n.kind in ("ragged", "channel", "crosslayer")]
+            m.check_followers(self.methods[j + 1:])
+            bad = ("ragged", "channel", "crosslayer") + (() if m.decodes_quantized else ("quantized",))
+            later = [n.kind for n in self.methods[j + 1:] if n.kind in bad]
             if m.has_decode() and m.needs_dense and later:
                 raise ValueError(f"{m.name} evicts during decoding from dense caches but a later method of the chain "
                                  f"leaves {later[0]} ones; put {m.name} after it")

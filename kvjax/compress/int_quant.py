@@ -26,6 +26,7 @@ class _IntQuant(Method):
     scale_dtype: str = "float16"
     bits: ClassVar[int] = 8
     kind: ClassVar[str] = "quantized"
+    also_accepts: ClassVar[tuple[str, ...]] = ("crosslayer",)  # quantizes xKV's factors / MiniCache's directions
 
     def __post_init__(self):
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 0:

@@ -27,7 +27,10 @@ decode room); on a freshly prefilled layer it adds ``decode_room`` slots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
+
+import jax
 
 from kvjax.compress.base import Context, Method, register
 from kvjax.compress.evict import gather_obs, map_global_layers
@@ -36,13 +39,24 @@ from kvjax.quant.cache import QuantSpec, quantize_dense_layer
 
 
 def quantize_state(spec, state, obs, ctx: Context):
-    """Converts every global layer of ``state`` to a :class:`QuantizedKV` of ``spec`` (observations follow)."""
+    """Converts every global layer of ``state`` to a :class:`QuantizedKV` of ``spec`` (observations follow).
+
+    A composite layer that declares ``quantized(spec)`` (xKV's :class:`~kvjax.compress.xkv.CrossLayerKV`, MiniCache's
+    :class:`~kvjax.compress.minicache.MergedPairKV`) quantizes its own payload and dense parts instead; its
+    observations are dropped (no method may follow a quantizer that needs them)."""
 
     def one(i, layer, o):
+        if hasattr(layer, "quantized"):
+            return _quantized(layer, spec), {}
         cache, src, ok = quantize_dense_layer(layer, spec, room=room_for(layer, ctx))
         return cache, convert_obs(o, src, ok)
 
     return map_global_layers(state, obs, one)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantized(layer, spec):
+    return layer.quantized(spec)
 
 
 def room_for(layer, ctx: Context) -> int:
@@ -69,6 +83,7 @@ class KIVI(Method):
     value_window: str = "sliding"
     name: ClassVar[str] = "kivi"
     kind: ClassVar[str] = "quantized"
+    also_accepts: ClassVar[tuple[str, ...]] = ("crosslayer",)  # quantizes xKV's factors / MiniCache's directions
 
     def __post_init__(self):
         qz.check_bits(self.bits)

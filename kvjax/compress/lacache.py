@@ -25,6 +25,13 @@ start-over with more than one pass at once (a single call reducing more tokens t
 occur in the per-token replay; the cursor is kept per batch row (rows of different lengths compact at different
 steps); the cache holds one slot more than its size (the token of a decode step is written before the compaction
 runs); acts on global layers only, with the layer index counted over all layers (as the authors' list of caches).
+
+Quantization: a per-token quantizer after LaCache (``chain(lacache, int8)`` / ``int4``, residual 0) stores the kept
+tokens as packed codes with per-token scales, and the decode-time compaction moves each token's codes, scales and
+zeros with it (``kvjax.nbytes`` = the quantized cache of ``cache_size + 1`` slots). Quantizers that group tokens
+(KIVI's per-channel keys, a full-precision residual window) cannot follow a cache that drops single tokens out of
+every block and are refused when the chain is built. The paper does not combine LaCache with quantization; the
+ladder is applied first (on float states, as the authors do) and the kept tokens are quantized, new tokens on arrival.
 """
 from __future__ import annotations
 
@@ -84,6 +91,19 @@ def ladder_positions(positions: np.ndarray, n_layers: int, layer_index: int, *, 
     return kept, cursor
 
 
+def slot_fields(layer) -> tuple[str, ...]:
+    """The arrays of ``layer`` indexed by slot ``(B, H, C, ...)`` that a compaction moves with the positions: a dense
+    layer's keys and values, or a per-token quantized layer's codes, scales and zeros (every token quantized on its
+    own, so a token's codes move alone)."""
+    if isinstance(layer, DenseKV):
+        return ("k", "v")
+    spec = getattr(layer, "spec", None)
+    if spec is not None and spec.k_axis == "token" and layer.residual == 0 and layer.keep is None:
+        return ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+    raise ValueError(f"lacache cannot compact a {type(layer).__name__} layer token by token (only dense layers and "
+                     "per-token int8/int4 layers without a residual window)")
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class LaCache(Method):
@@ -95,6 +115,7 @@ class LaCache(Method):
     n_sink: int = 4  # the authors' start_size
     name: ClassVar[str] = "lacache"
     stacked_decode: ClassVar[bool] = True
+    decodes_quantized: ClassVar[bool] = True  # compacts per-token int8/int4 caches of a later quantizer too
     jittable: ClassVar[bool] = False  # the prompt's ladder is replayed on the host
 
     @property
@@ -123,6 +144,15 @@ class LaCache(Method):
         if size < self.n_sink + n + after:
             raise ValueError(f"lacache cache_size={self.cache_size} is too small for {self.n_sink} sinks and the "
                              f"{n}-layer ladder; use at least {self.n_sink + n + after - (before - after) // 2}")
+
+    def check_followers(self, later) -> None:
+        for m in later:
+            if m.kind != "quantized":
+                continue
+            spec = m.spec() if hasattr(m, "spec") else None
+            if spec is None or spec.k_axis != "token" or spec.residual != 0:
+                raise ValueError(f"lacache compacts its cache token by token while decoding; a quantizer after it must "
+                                 f"quantize every token on its own (int8 / int4 with residual=0), got {m.describe()}")
 
     def _kw(self, ctx: Context) -> dict:
         before, after, size = self.geometry(ctx.cfg.num_layers)
@@ -172,7 +202,8 @@ class LaCache(Method):
             srcc = jnp.minimum(src, cap - 1)
             take = lambda x: jnp.take_along_axis(x, srcc.reshape(srcc.shape + (1,) * (x.ndim - 3)), axis=2)  # noqa
             can = kw["before"] - kw["after"]
-            return layer.replace(k=take(layer.k), v=take(layer.v), pos=jnp.where(ok, take(layer.pos), -1),
+            moved = {f: take(getattr(layer, f)) for f in slot_fields(layer)}
+            return layer.replace(**moved, pos=jnp.where(ok, take(layer.pos), -1),
                                  fill=jnp.where(full, layer.fill - can, layer.fill),
                                  extras={**layer.extras, CURSOR: jnp.where(full, cursor, layer.extras[CURSOR])})
 

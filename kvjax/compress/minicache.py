@@ -31,6 +31,13 @@ hold are merged (the paper does not combine MiniCache with eviction); nearly par
 fall back to the normalised linear interpolation; acts on global layers only (on Gemma, pairs of consecutive global
 layers from the middle of the global ones); ``impl="pallas"`` uses the jnp reference; decoded tokens are kept per
 layer unmerged (the paper also merges during decoding; not done).
+
+Quantization: the paper's largest ratio (up to 5.02x) combines MiniCache with 4-bit KV quantization. Here a quantizer
+after MiniCache in a chain (``chain(snapkv, minicache, kivi(bits=4))``, or ``int8`` / ``int4``) quantizes what the pair
+stores: the merged unit directions the way it treats keys / values, the unmerged tokens (and decode room) the way it
+stores a dense layer (KIVI keeps their last tokens in its full-precision residual); the per-token magnitudes stay in
+the cache dtype. Merging first and quantizing the merged states is kvjax's order (merging dequantized states would
+give float states again, so quantizing first would not shrink the merged pair).
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ from flax import struct
 from kvjax.attention import Observe, reference_attention
 from kvjax.compress.base import Context, Method, check_positive, register
 from kvjax.compress.evict import compaction_index, gather_layer
+from kvjax.quant.cache import QuantSpec, QuantTensor, dequant_any, quantize_sub_cache
 from kvjax.state import DenseKV
 
 Array = jax.Array
@@ -60,7 +68,9 @@ class MergedPairKV:
       pair's first layer only (``None`` in the second, which names the first in the static ``owner``);
     * ``mag_k`` / ``mag_v`` ``(B, H, n)``: this layer's magnitudes of the merged tokens; ``pos_m`` ``(B, H, n)``
       their positions (``-1`` = none);
-    * ``exact``: a :class:`~kvjax.state.DenseKV` of this layer's unmerged tokens plus its decode room.
+    * ``exact``: a :class:`~kvjax.state.DenseKV` of this layer's unmerged tokens plus its decode room (a
+      :class:`~kvjax.quant.cache.QuantizedKV` after a quantizer, and ``shared``'s directions then
+      :class:`~kvjax.quant.cache.QuantTensor`: see :meth:`quantized`).
 
     Slot order is ``[merged | exact]``.
     """
@@ -107,13 +117,30 @@ class MergedPairKV:
             raise ValueError(f"this MiniCache layer shares the merged directions of layer {self.owner}; attach them "
                              "with kvjax.state.bind_shared / bound_layers first")
         ok = (self.pos_m >= 0)[..., None]
-        k = self.mag_k[..., None].astype(jnp.float32) * self.shared["dir_k"].astype(jnp.float32)
-        v = self.mag_v[..., None].astype(jnp.float32) * self.shared["dir_v"].astype(jnp.float32)
-        return (jnp.where(ok, k, 0.0).astype(self.exact.k.dtype), jnp.where(ok, v, 0.0).astype(self.exact.v.dtype))
+        k = self.mag_k[..., None].astype(jnp.float32) * dequant_any(self.shared["dir_k"])
+        v = self.mag_v[..., None].astype(jnp.float32) * dequant_any(self.shared["dir_v"])
+        return (jnp.where(ok, k, 0.0).astype(self.mag_k.dtype), jnp.where(ok, v, 0.0).astype(self.mag_v.dtype))
 
     def dense(self) -> tuple[Array, Array]:
         k, v = self.merged()
-        return jnp.concatenate([k, self.exact.k], axis=2), jnp.concatenate([v, self.exact.v], axis=2)
+        ek, ev = self.exact.dense()
+        return jnp.concatenate([k, ek.astype(k.dtype)], axis=2), jnp.concatenate([v, ev.astype(v.dtype)], axis=2)
+
+    def quantized(self, spec: QuantSpec) -> "MergedPairKV":
+        """This layer with its payload quantized by ``spec`` (a quantizer after MiniCache in a chain): the pair's
+        merged unit directions (held by the pair's first layer) as :class:`~kvjax.quant.cache.QuantTensor` —
+        ``dir_k`` like keys (``spec.k_axis``), ``dir_v`` like values (per token) — and the unmerged tokens with their
+        decode room as the quantizer stores a dense layer. The per-token magnitudes (one number per token, head and
+        layer) stay in the cache dtype."""
+        shared = self.shared
+        if shared is not None and not isinstance(shared["dir_k"], QuantTensor):
+            ok, sd = self.pos_m >= 0, spec.scale_dtype
+            shared = {"dir_k": QuantTensor.build(shared["dir_k"], ok, bits=spec.bits, group=spec.k_group,
+                                                 axis=spec.k_axis, scale_dtype=sd, what="MiniCache's key directions"),
+                      "dir_v": QuantTensor.build(shared["dir_v"], ok, bits=spec.v_bits, group=spec.v_group,
+                                                 axis="token", scale_dtype=sd, what="MiniCache's value directions")}
+        exact = quantize_sub_cache(self.exact, spec) if isinstance(self.exact, DenseKV) else self.exact
+        return self.replace(shared=shared, exact=exact)
 
     def append(self, k: Array, v: Array, pos: Array) -> "MergedPairKV":
         return self.replace(exact=self.exact.append(k, v, pos))

@@ -24,7 +24,15 @@ the row's valid tokens (padding rows are zero, so they do not change the factors
 group is ``group_size`` consecutive *global* layers), with the last group smaller when ``group_size`` does not
 divide their number; ``impl="pallas"`` uses the jnp reference (no low-rank kernel). After an evictor in a chain
 (``chain(snapkv, xkv)``) a row of the matrix is slot ``j`` of every head and layer (heads keep different tokens), which
-xKV's paper does not study. A quantizer after xKV (quantized factors) is not implemented.
+xKV's paper does not study.
+
+A quantizer after xKV (``chain(snapkv, xkv, int4)``, ``int8`` or ``kivi``) quantizes what xKV stores per token: the
+group's token-side factors ``A_k`` / ``A_v`` (each token's coefficients in the group's basis, the part that grows with
+the context) the way the quantizer treats keys / values, and the decode buffer the way it stores a dense layer; the
+per-layer factors ``B_l`` (size independent of the context) stay in the cache dtype. The paper does not combine xKV
+with quantization (it calls it orthogonal); this order — factor first, then quantize the factors — is kvjax's choice,
+since quantizing before the SVD would be undone by it (the factors of dequantized keys are floats again). The factor
+widths (ranks) must fit the quantizer's groups (e.g. KIVI's 32-channel value groups need ``rank_v`` a multiple of 32).
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from flax import struct
 from kvjax.attention import Observe, reference_attention
 from kvjax.compress.base import Context, Method, check_positive, register
 from kvjax.compress.evict import compaction_index, gather_layer, gather_obs
+from kvjax.quant.cache import QuantSpec, QuantTensor, dequant_any, quantize_sub_cache
 from kvjax.rope import inv_frequencies, rerotate_keys
 from kvjax.state import DenseKV
 
@@ -56,7 +65,9 @@ class CrossLayerKV:
       group's first layer only (``None`` in the others, which name it in the static ``owner``);
     * ``bk`` ``(B, rk, H * Dk)`` / ``bv`` ``(B, rv, H * Dv)``: this layer's block of ``V_r^T``;
     * ``pos_c`` ``(B, H, n)`` positions of the factored (prompt) tokens, ``-1`` = none;
-    * ``recent``: a full-precision :class:`~kvjax.state.DenseKV` for decoded tokens;
+    * ``recent``: a full-precision :class:`~kvjax.state.DenseKV` for decoded tokens (a
+      :class:`~kvjax.quant.cache.QuantizedKV` after a quantizer, and ``shared``'s factors then
+      :class:`~kvjax.quant.cache.QuantTensor`: see :meth:`quantized`);
     * ``inv_freq`` ``(Dk / 2,)``: RoPE frequencies when the keys were factored before RoPE (``None``: after).
 
     Slot order is ``[factored | recent]``. ``kvjax.nbytes`` counts exactly these arrays, so the shared factors once.
@@ -106,19 +117,38 @@ class CrossLayerKV:
                              "kvjax.state.bind_shared / bound_layers first")
         b, h, n = self.pos_c.shape
         f32 = jnp.float32
-        k = jnp.einsum("bnr,brc->bnc", self.shared["ak"].astype(f32), self.bk.astype(f32))
-        v = jnp.einsum("bnr,brc->bnc", self.shared["av"].astype(f32), self.bv.astype(f32))
+        k = jnp.einsum("bnr,brc->bnc", dequant_any(self.shared["ak"]), self.bk.astype(f32))
+        v = jnp.einsum("bnr,brc->bnc", dequant_any(self.shared["av"]), self.bv.astype(f32))
         k = k.reshape(b, n, h, -1).transpose(0, 2, 1, 3)
         v = v.reshape(b, n, h, -1).transpose(0, 2, 1, 3)
         ok = (self.pos_c >= 0)[..., None]
         if self.inv_freq is not None:
             k = rerotate_keys(k, jnp.maximum(self.pos_c, 0), self.inv_freq)
-        dt = self.recent.k.dtype
-        return jnp.where(ok, k, 0.0).astype(dt), jnp.where(ok, v, 0.0).astype(self.recent.v.dtype)
+        dt = self.bk.dtype
+        return jnp.where(ok, k, 0.0).astype(dt), jnp.where(ok, v, 0.0).astype(self.bv.dtype)
 
     def dense(self) -> tuple[Array, Array]:
         k, v = self.factored()
-        return jnp.concatenate([k, self.recent.k], axis=2), jnp.concatenate([v, self.recent.v], axis=2)
+        rk, rv = self.recent.dense()
+        return jnp.concatenate([k, rk.astype(k.dtype)], axis=2), jnp.concatenate([v, rv.astype(v.dtype)], axis=2)
+
+    def quantized(self, spec: QuantSpec) -> "CrossLayerKV":
+        """This layer with its payload quantized by ``spec`` (a quantizer after xKV in a chain): the group's
+        token-side factors ``A`` (held by the group's first layer) as :class:`~kvjax.quant.cache.QuantTensor` —
+        ``ak`` like keys (``spec.k_axis``: per channel over groups of ``k_group`` tokens for KIVI, per token for
+        int8/int4), ``av`` like values (per token, groups of ``v_group`` channels) — and the decode buffer as the
+        quantizer stores a dense layer. The per-layer factors ``B_l`` (``r x H*D``, independent of the token count)
+        stay in the cache dtype."""
+        shared = self.shared
+        if shared is not None and not isinstance(shared["ak"], QuantTensor):
+            ok = jnp.any(self.pos_c >= 0, axis=1)  # (B, n): rows holding a token of some head
+            sd = spec.scale_dtype
+            shared = {"ak": QuantTensor.build(shared["ak"], ok, bits=spec.bits, group=spec.k_group, axis=spec.k_axis,
+                                              scale_dtype=sd, what="xKV's key factor A_k"),
+                      "av": QuantTensor.build(shared["av"], ok, bits=spec.v_bits, group=spec.v_group, axis="token",
+                                              scale_dtype=sd, what="xKV's value factor A_v")}
+        recent = quantize_sub_cache(self.recent, spec) if isinstance(self.recent, DenseKV) else self.recent
+        return self.replace(shared=shared, recent=recent)
 
     def append(self, k: Array, v: Array, pos: Array) -> "CrossLayerKV":
         return self.replace(recent=self.recent.append(k, v, pos))

@@ -286,6 +286,9 @@ class QuantizedKV:
     keep: KeepBlock | None = None
     k_perm: Array | None = None
     k_balance: Array | None = None
+    # per-head method state carried from the dense layer it was made from, ``(B, H)`` arrays only (LaCache's cursor;
+    # slot-aligned statistics cannot follow the quantized layout and are dropped)
+    extras: dict[str, Array] = struct.field(default_factory=dict)
     spec: QuantSpec = struct.field(pytree_node=False, default=QuantSpec())
     window: int = struct.field(pytree_node=False, default=0)
 
@@ -626,15 +629,84 @@ def quantize_dense_layer(layer, spec: QuantSpec, *, room: int = 0, stream_idx: A
         src_parts.append(keep_idx.astype(jnp.int32))
         ok_parts.append(kpos >= 0)
         n_keep = keep.size
+    extras = {n: x for n, x in getattr(layer, "extras", {}).items() if getattr(x, "shape", ())[:2] == (b, h)
+              and x.ndim == 2}  # per-head counters / cursors (B, H); slot-aligned statistics are dropped
     cache = QuantizedKV(k_codes=kc, k_scale=ksc, k_zero=kz, v_codes=vc, v_scale=vsc, v_zero=vz, k_res=k_res,
                         v_res=v_res, pos=jnp.concatenate(pos_parts + [ps, rpos], axis=-1),
-                        fill=n_keep + stream_n, keep=keep, k_perm=k_perm, k_balance=k_balance, spec=sp,
+                        fill=n_keep + stream_n, keep=keep, k_perm=k_perm, k_balance=k_balance, extras=extras, spec=sp,
                         window=int(getattr(layer, "window", 0)))
     src = jnp.concatenate(src_parts + [src_q, src_r], axis=-1)
     ok = jnp.concatenate(ok_parts + [in_q, rok], axis=-1)
     return cache, src, ok
 
 
-__all__ = ["KeepBlock", "QuantSpec", "QuantizedKV", "gather_slots", "init_quantized_layer", "key_forward",
+# ------------------------------------------------------------------------------------------------- parts of other layers
+
+
+@struct.dataclass
+class QuantTensor:
+    """A float tensor ``(..., n, d)`` stored quantized (asymmetric min/max, packed codes): the payload of a layer class
+    that is not a plain KV cache, quantized by a quantizer after it in a chain (xKV's token-side factors, MiniCache's
+    merged directions).
+
+    ``axis="token"``: ``d // group`` scales per row (``group`` channels each); ``axis="channel"``: one scale per channel
+    over groups of ``group`` rows (the rows are padded with invalid ones to a multiple of ``group``; ``n`` is the true
+    row count). ``kvjax.nbytes`` counts the codes, scales and zeros.
+    """
+
+    codes: Array
+    scale: Array
+    zero: Array
+    bits: int = struct.field(pytree_node=False, default=8)
+    group: int = struct.field(pytree_node=False, default=0)
+    axis: str = struct.field(pytree_node=False, default="token")
+    n: int = struct.field(pytree_node=False, default=0)
+
+    @staticmethod
+    def build(x: Array, valid: Array | None, *, bits: int, group: int, axis: str, scale_dtype="float16",
+              what: str = "tensor") -> "QuantTensor":
+        """Quantizes ``x`` ``(..., n, d)``; ``valid`` ``(..., n)`` marks the rows that count for the min/max.
+        ``group`` 0 = the whole axis. Refuses (one line, naming ``what``) a group that does not fit the tensor."""
+        qz.check_bits(bits)
+        qz.check_axis(axis)
+        n, d = x.shape[-2:]
+        valid = jnp.ones(x.shape[:-1], bool) if valid is None else valid
+        try:
+            packing.packed_dim(d, bits)
+            if axis == "token":
+                g = qz.resolve_group(group, d, bits, f"{what} group")
+            else:
+                g = n if group == 0 else group
+                if g <= 0:
+                    raise ValueError(f"{what} group (rows per per-channel scale) must be positive, got {group}")
+        except ValueError as e:
+            raise ValueError(f"cannot quantize {what} of shape {tuple(x.shape)} to {bits} bits per {axis} in groups "
+                             f"of {group}: {e}") from None
+        pad = (-n) % g if axis == "channel" else 0
+        xp, vp = pad_slots(x.astype(jnp.float32), pad, axis=-2), pad_slots(valid, pad, False, axis=-1)
+        codes, scale, zero = qz.quantize(xp, vp, bits=bits, group=g, axis=axis, scale_dtype=jnp.dtype(scale_dtype))
+        return QuantTensor(codes=codes, scale=scale, zero=zero, bits=bits, group=g, axis=axis, n=n)
+
+    def dequant(self, dtype=jnp.float32) -> Array:
+        x = qz.dequantize(self.codes, self.scale, self.zero, bits=self.bits, group=self.group, axis=self.axis)
+        return x[..., :self.n, :].astype(dtype)
+
+
+def dequant_any(x, dtype=jnp.float32) -> Array:
+    """``x`` as a float array: dequantized when it is a :class:`QuantTensor`, cast otherwise."""
+    return x.dequant(dtype) if isinstance(x, QuantTensor) else x.astype(dtype)
+
+
+def quantize_sub_cache(layer, spec: QuantSpec):
+    """A dense sub-cache of a composite layer (xKV's decode buffer, MiniCache's unmerged tokens), quantized as a
+    quantizer quantizes a dense layer that already holds its decode room (no room added). A buffer smaller than the
+    spec's full-precision residual window stays dense: the quantizer would keep all its tokens in full precision
+    anyway (same attention, fewer bytes than a residual window of ``R`` slots)."""
+    if layer.capacity < spec.residual:
+        return layer
+    return quantize_dense_layer(layer, spec, room=0)[0]
+
+
+__all__ = ["KeepBlock", "QuantSpec", "QuantTensor", "QuantizedKV", "dequant_any", "quantize_sub_cache", "gather_slots", "init_quantized_layer", "key_forward",
            "key_inverse", "pad_slots", "quantize_dense_layer", "query_forward", "scatter_slots", "stream_append",
            "value_forward", "value_inverse"]
