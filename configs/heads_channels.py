@@ -1,9 +1,9 @@
 """Per-head storage and channel pruning (issue 14) on SmolLM2-135M at ~1K tokens: AdaKV with ragged vs padded
 storage at the same kept tokens, RazorAttention (with and without its count-weighted compensation token) and ThinK
 (40% of key channels pruned) on top of SnapKV-128, the cross-layer methods xKV (groups of 4 layers, the authors'
-rank fractions) and MiniCache (SLERP merge of adjacent layers from the middle on), and xKV on top of SnapKV-128,
-against the full cache and SnapKV-128 alone. Variants run in the
-order listed (a resumed run continues where it stopped).
+rank fractions) and MiniCache (SLERP merge of adjacent layers from the middle on), xKV on top of SnapKV-128, LaCache,
+and the quantized chains below, against the full cache and SnapKV-128 alone, all in one run (decode speed vs the full
+cache of the same run). Variants run in the order listed (a resumed run continues where it stopped).
 
 Cells: 8 single-needle prompts (4 depths x 2 seeds, Shakespeare filler, ~1K tokens) per method, answer
 log-probability, perplexity of 2 x 256 Shakespeare tokens after a 768-token compressed context (compressed once),
@@ -13,7 +13,14 @@ RazorAttention's threshold S0 = 4000 tokens would leave a 1K prompt uncompressed
 buffer = N / 5 = ~205 tokens + 4 sinks + 1 compensation token in the non-retrieval heads; 15% of KV heads are
 retrieval heads, found with the echo/induction probe).
 
+Composed chains (eviction -> method -> quantizer): SnapKV-128 -> xKV -> int4 (per token, groups of 16 channels:
+they divide xKV's factor widths 96 / 144 and the head dim 64), SnapKV-128 -> MiniCache -> KIVI-4 (the paper's 4-bit
+combination), LaCache-128 (its ladder after the prompt, then compaction while decoding) and LaCache-128 -> int8. LaCache
+in its streaming setting (perplexity token by token with the fixed-size cache) is ``configs/lacache_stream.py``.
+
 python -m kvjax.launch --config=configs/heads_channels.py
+Gemma 3 270M: --config.model.name=gemma3-270m --config.run_dir=runs/heads_channels_gemma (the methods act on its
+global layers only; see the README).
 """
 import ml_collections
 
@@ -32,14 +39,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_new_tokens = 10
     c.methods = ml_collections.ConfigDict({
         "full": {},
+        "snapkv": {"name": "snapkv", "budget": 128},
         "razor": {"name": "razor", "min_buffer": 0},
         "snapkv_think": {"name": "chain", "chain": ("snapkv", "think"), "snapkv": {"budget": 128}, "think": {}},
         "xkv": {"name": "xkv"},
         "minicache": {"name": "minicache"},
         "snapkv_xkv": {"name": "chain", "chain": ("snapkv", "xkv"), "snapkv": {"budget": 128}, "xkv": {}},
-        # Measured in an earlier run of this file (their cells stay in results.jsonl); left out of the rerun to fit the
-        # time the shared 2-core machine allowed:
-        # "snapkv": {"name": "snapkv", "budget": 128},
+        "snapkv_xkv_int4": {"name": "chain", "chain": ("snapkv", "xkv", "int4"), "snapkv": {"budget": 128},
+                            "xkv": {}, "int4": {"group": 16}},
+        "snapkv_minicache_kivi4": {"name": "chain", "chain": ("snapkv", "minicache", "kivi"),
+                                   "snapkv": {"budget": 128}, "minicache": {}, "kivi": {"bits": 4}},
+        "lacache": {"name": "lacache", "cache_size": 128},
+        "lacache_int8": {"name": "chain", "chain": ("lacache", "int8"), "lacache": {"cache_size": 128}, "int8": {}},
+        # Measured in an earlier run of this file (README), left out of this one for the time the shared 2-core
+        # machine allowed:
         # "adakv_ragged": {"name": "adakv", "budget": 128},
         # "razor_unweighted": {"name": "razor", "min_buffer": 0, "count_weight": False},
         # "adakv_padded": {"name": "adakv", "budget": 128, "storage": "padded"},
