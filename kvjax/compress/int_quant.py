@@ -7,7 +7,9 @@ full precision (HF ``QuantizedCache``'s ``residual_length``, 128 there); the def
 arrival (MaxText). Storage: :class:`kvjax.quant.cache.QuantizedKV` with ``k_axis="token"``.
 
 Unlike KIVI, per-token keys suffer from the fixed outlier channels of keys; these are the baselines KIVI/GEAR/
-RotateKV are measured against. Global layers only.
+RotateKV are measured against. Global layers only. After xKV / MiniCache in a chain they quantize those layers'
+payload (factors, merged directions) and dense parts; after LaCache (``residual=0``) the ladder's decode-time
+compaction moves each token's codes and scales (see :mod:`kvjax.compress.lacache`).
 """
 from __future__ import annotations
 

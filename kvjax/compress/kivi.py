@@ -22,7 +22,9 @@ reference's and the state holds the same arrays (codes for every slot are preall
 ``value_window="grouped"`` is kvjax's earlier layout (values flushed with the keys, ``0 <= r < R`` full-precision
 values), kept for comparison. Acts on global layers only; sliding-window (ring) layers stay dense. After an
 eviction method in a chain, the quantized cache keeps the capacity of the evicted layer (which already holds the
-decode room); on a freshly prefilled layer it adds ``decode_room`` slots.
+decode room); on a freshly prefilled layer it adds ``decode_room`` slots. After a cross-layer method (xKV, MiniCache)
+it quantizes that layer's payload — xKV's token-side factors, MiniCache's merged directions — and its dense parts
+(``quantized(spec)`` of the layer class; see :mod:`kvjax.compress.xkv`, :mod:`kvjax.compress.minicache`).
 """
 from __future__ import annotations
 
