@@ -72,24 +72,20 @@ def grow_room(state, room: int):
     if isinstance(state.layers, StackedLayers):
         return state
     layers = []
-    for i, layer in enumerate(state.layers):
-        if getattr(layer, "window", 0) or not hasattr(layer, "fill"):
-            layers.append(layer)
-            continue
-        if isinstance(layer, DenseKV) and layer.ring_start >= 0:  # a wrapped ring holds `capacity` tokens; new ones
-            layer = layer.replace(ring_start=-1, fill=jnp.minimum(layer.fill, layer.capacity))  # go after them
-        need = int(np.max(np.asarray(layer.fill))) + room
-        if layer.capacity < need:
-            if isinstance(layer, DenseKV):
+    for layer in state.layers:
+        if isinstance(layer, DenseKV) and not layer.window:
+            if layer.ring_start >= 0:  # a ring that has wrapped holds `capacity` tokens; new ones go after them
+                layer = layer.replace(ring_start=-1, fill=jnp.minimum(layer.fill, layer.capacity))
+            need = int(np.max(np.asarray(layer.fill))) + room
+            if layer.capacity < need:
                 layer = resize_slots(layer, need)
-            elif isinstance(layer, QuantizedKV) and layer.residual == 0 and layer.keep is None \
-                    and layer.spec.k_axis == "token":  # per-token codes (LaCache -> int8): more empty slots
+        elif type(layer) is QuantizedKV and not layer.window and layer.residual == 0 and layer.keep is None \
+                and layer.spec.k_axis == "token":  # per-token codes (a decode-time evictor -> int8/int4, LaCache's)
+            need = int(np.max(np.asarray(layer.fill))) + room
+            if layer.capacity < need:
                 n = need - layer.capacity
                 layer = layer.replace(**{f: pad_slots(getattr(layer, f), n) for f in (
                     "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")}, pos=pad_slots(layer.pos, n, -1))
-            else:
-                raise ValueError(f"layer {i} ({type(layer).__name__}) has {layer.capacity} slots but the continuation "
-                                 f"needs {need}; its compression left no room for {room} tokens")
         layers.append(layer)
     return state.replace(layers=tuple(layers))
 
