@@ -36,6 +36,7 @@ ladder is applied first (on float states, as the authors do) and the kept tokens
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -88,6 +89,15 @@ def ladder_positions(positions: np.ndarray, n_layers: int, layer_index: int, *, 
                                   cache_size=cache_size, n_layers=n_layers, xp=np)
         kept = kept[src[src < kept.size]]
         cursor = int(cursor)
+    return kept, cursor
+
+
+@functools.lru_cache(maxsize=4096)
+def _ladder_of_length(n: int, n_layers: int, layer_index: int, **kw) -> tuple[np.ndarray, int]:
+    """:func:`ladder_positions` of a stream of ``n`` tokens (the same for every row and head of that length: replayed
+    once per length and layer, not per head). The returned array is read-only (shared by the cache)."""
+    kept, cursor = ladder_positions(np.arange(n), n_layers, layer_index, **kw)
+    kept.setflags(write=False)
     return kept, cursor
 
 
@@ -177,7 +187,7 @@ class LaCache(Method):
                 for hh in range(h):
                     slots = np.nonzero(valid[r, hh])[0]
                     slots = slots[np.argsort(pos[r, hh, slots], kind="stable")]
-                    kept, cur = ladder_positions(np.arange(slots.size), n_layers, i, **kw)
+                    kept, cur = _ladder_of_length(slots.size, n_layers, i, **kw)
                     idx[r, hh, :kept.size], keep[r, hh, :kept.size] = slots[kept], True
                     cursor[r, hh] = cur
             grow = int(counts.max()) + ctx.decode_room if counts.size else ctx.decode_room
