@@ -15,7 +15,8 @@ retrieval heads, found with the echo/induction probe).
 
 Composed chains (eviction -> method -> quantizer): SnapKV-128 -> xKV -> int4 (per token, groups of 16 channels:
 they divide xKV's factor widths 96 / 144 and the head dim 64), SnapKV-128 -> MiniCache -> KIVI-4 (the paper's 4-bit
-combination), LaCache-128 (its ladder after the prompt, then compaction while decoding) and LaCache-128 -> int8. LaCache
+combination), SnapKV-128 -> ThinK -> int8 (ThinK's 39 kept key channels fit int8, not KIVI's 2-bit packing),
+LaCache-128 (its ladder after the prompt, then compaction while decoding) and LaCache-128 -> int8. LaCache
 in its streaming setting (perplexity token by token with the fixed-size cache) is ``configs/lacache_stream.py``.
 
 python -m kvjax.launch --config=configs/heads_channels.py
@@ -46,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
                                    "snapkv": {"budget": 128}, "minicache": {}, "kivi": {"bits": 4}},
         "lacache": {"name": "lacache", "cache_size": 128},
         "lacache_int8": {"name": "chain", "chain": ("lacache", "int8"), "lacache": {"cache_size": 128}, "int8": {}},
+        "snapkv_think_int8": {"name": "chain", "chain": ("snapkv", "think", "int8"), "snapkv": {"budget": 128},
+                              "think": {}, "int8": {}},
         "snapkv": {"name": "snapkv", "budget": 128},
         "snapkv_xkv": {"name": "chain", "chain": ("snapkv", "xkv"), "snapkv": {"budget": 128}, "xkv": {}},
         "xkv": {"name": "xkv"},

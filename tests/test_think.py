@@ -74,8 +74,30 @@ def test_pruned_attention_equals_attention_on_kept_dims_and_bytes():
     assert valid_nbytes(st) == kvjax.nbytes(st) - room * per_slot > 0
     with pytest.raises(ValueError, match="leaves channel ones"):
         chain(get_method("h2o", budget=8), think)
-    with pytest.raises(ValueError, match="needs a dense"):
-        chain(think, get_method("kivi"))
+    # ThinK -> int8 (issue 14's composition): both parts quantized per token; bytes = a hand count; keys/values
+    # within int8 rounding of the float chain's
+    int8 = get_method("int8")
+    assert chain(snap, think, int8).kind == "quantized"
+    sq = int8.prefill(st, None, kvjax.compress.Context(cfg=CFG, decode_room=2, prompt_len=12))[0]
+    hkv, d = CFG.num_kv_heads, CFG.head_dim
+
+    def int8_bytes(c, dk):  # codes of dk + d channels, f16 scale + zero of keys and of values, position, per slot
+        return 2 * hkv * (c * (dk + d + 2 * 2 * 2 + 4) + 4)
+
+    want = sum(int8_bytes(x.pruned.capacity, d // 2) + int8_bytes(x.recent.capacity, d) + kvjax.nbytes(x.channels)
+               for x in st.layers) + kvjax.nbytes(st.next_pos) + kvjax.nbytes(st.rope_shift)
+    assert kvjax.nbytes(sq) == want
+    for lt, lq in zip(st.layers, sq.layers):
+        (kf, vf), (kq, vq) = jax.jit(lambda a, b: (a.dense(), b.dense()))(lt, lq)
+        ok = np.asarray(lt.pos >= 0)[..., None]
+        np.testing.assert_array_equal(np.asarray(lq.pos), np.asarray(lt.pos))
+        for f, q_ in ((kf, kq), (vf, vq)):  # per-token int8: within half a step of the token's range
+            f, q_ = np.asarray(f), np.asarray(q_)
+            rng_ = np.ptp(np.where(ok, f, 0), axis=-1, keepdims=True)
+            err = np.where(ok, np.abs(q_ - f), 0)
+            assert 0 < err.max() and np.all(err <= rng_ / 255 * 0.51 + 1e-6)
+    with pytest.raises(ValueError, match=r"ThinK's pruned keys \(4 kept channels\) with 4-bit codes in groups of 8"):
+        get_method("int4", group=8).prefill(st, None, kvjax.compress.Context(cfg=CFG, decode_room=2, prompt_len=12))
     with pytest.raises(ValueError, match="ratio"):
         get_method("think", ratio=1.0)
 

@@ -7,8 +7,8 @@ full precision (HF ``QuantizedCache``'s ``residual_length``, 128 there); the def
 arrival (MaxText). Storage: :class:`kvjax.quant.cache.QuantizedKV` with ``k_axis="token"``.
 
 Unlike KIVI, per-token keys suffer from the fixed outlier channels of keys; these are the baselines KIVI/GEAR/
-RotateKV are measured against. Global layers only. After xKV / MiniCache in a chain they quantize those layers'
-payload (factors, merged directions) and dense parts; after LaCache (``residual=0``) the ladder's decode-time
+RotateKV are measured against. Global layers only. After xKV / MiniCache / ThinK in a chain they quantize those
+layers' payload (factors, merged directions, pruned keys) and dense parts; after LaCache (``residual=0``) the ladder's decode-time
 compaction moves each token's codes and scales (see :mod:`kvjax.compress.lacache`).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class _IntQuant(Method):
     scale_dtype: str = "float16"
     bits: ClassVar[int] = 8
     kind: ClassVar[str] = "quantized"
-    also_accepts: ClassVar[tuple[str, ...]] = ("crosslayer",)  # quantizes xKV's factors / MiniCache's directions
+    also_accepts: ClassVar[tuple[str, ...]] = ("crosslayer", "channel")  # xKV, MiniCache, ThinK layers
 
     def __post_init__(self):
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 0:

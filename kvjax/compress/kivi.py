@@ -23,8 +23,9 @@ reference's and the state holds the same arrays (codes for every slot are preall
 values), kept for comparison. Acts on global layers only; sliding-window (ring) layers stay dense. After an
 eviction method in a chain, the quantized cache keeps the capacity of the evicted layer (which already holds the
 decode room); on a freshly prefilled layer it adds ``decode_room`` slots. After a cross-layer method (xKV, MiniCache)
-it quantizes that layer's payload — xKV's token-side factors, MiniCache's merged directions — and its dense parts
-(``quantized(spec)`` of the layer class; see :mod:`kvjax.compress.xkv`, :mod:`kvjax.compress.minicache`).
+or ThinK it quantizes that layer's payload — xKV's token-side factors, MiniCache's merged directions, ThinK's pruned
+keys — and its dense parts (``quantized(spec)`` of the layer class; see :mod:`kvjax.compress.xkv`,
+:mod:`kvjax.compress.minicache`, :mod:`kvjax.compress.think`).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def quantize_state(spec, state, obs, ctx: Context):
     """Converts every global layer of ``state`` to a :class:`QuantizedKV` of ``spec`` (observations follow).
 
     A composite layer that declares ``quantized(spec)`` (xKV's :class:`~kvjax.compress.xkv.CrossLayerKV`, MiniCache's
-    :class:`~kvjax.compress.minicache.MergedPairKV`) quantizes its own payload and dense parts instead; its
+    :class:`~kvjax.compress.minicache.MergedPairKV`, ThinK's :class:`~kvjax.compress.think.ChannelPrunedKV`) quantizes
+    its own payload and dense parts instead; its
     observations are dropped (no method may follow a quantizer that needs them)."""
 
     def one(i, layer, o):
@@ -85,7 +87,7 @@ class KIVI(Method):
     value_window: str = "sliding"
     name: ClassVar[str] = "kivi"
     kind: ClassVar[str] = "quantized"
-    also_accepts: ClassVar[tuple[str, ...]] = ("crosslayer",)  # quantizes xKV's factors / MiniCache's directions
+    also_accepts: ClassVar[tuple[str, ...]] = ("crosslayer", "channel")  # xKV, MiniCache, ThinK layers
 
     def __post_init__(self):
         qz.check_bits(self.bits)

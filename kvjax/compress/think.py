@@ -20,8 +20,13 @@ norms of the query heads that share a KV head (the authors' code targets MHA mod
 valid slots only (padding and evicted slots excluded); acts on global layers only; the reference path computes the
 attention by zero-filling the pruned channels of the keys on the fly (equal to attention on the kept dims; nothing
 is stored); ``impl="pallas"`` uses that same reference path (no channel-gathering kernel). kvjax's H2O evicts during
-decoding and so cannot run before ThinK in a chain (the authors' H2O variant evicts the prompt once); a quantizer
-after ThinK is not supported (the authors' ThinK+KIVI combination is not implemented here).
+decoding and so cannot run before ThinK in a chain (the authors' H2O variant evicts the prompt once).
+
+Quantization: a quantizer after ThinK (``chain(snapkv, think, int8)``) quantizes both parts as it stores a dense layer:
+the pruned keys with their ``D'`` kept channels, the values, and the full-dimension recent part (its decode room
+included); the kept-channel indices stay uint8. The authors combine ThinK with KIVI; with kvjax's KIVI the kept width
+must fit its packing (2-bit codes: a multiple of 4 channels; SmolLM2's ``64 - floor(0.4 * 64) = 39`` does not), so
+int8 / int4 (per token) are the quantizers that fit every width.
 """
 from __future__ import annotations
 
@@ -68,30 +73,54 @@ class ChannelPrunedKV:
         return self.pos >= 0
 
     @property
+    def num_pruned(self) -> int:
+        """Slots of the pruned part (its ``pos`` order; a quantized pruned part has as many as its positions)."""
+        return self.pruned.pos.shape[2]
+
+    @property
     def capacity(self) -> int:
-        return self.pruned.capacity + self.recent.capacity
+        return self.num_pruned + self.recent.capacity
 
     @property
     def fill(self) -> Array:
         """Slots used: the whole pruned part plus the recent part's fill (new tokens go to the recent part)."""
-        return self.pruned.capacity + self.recent.fill
+        return self.num_pruned + self.recent.fill
 
     @property
     def head_dim(self) -> int:
-        return self.recent.k.shape[-1]
+        return self.recent.k.shape[-1] if isinstance(self.recent, DenseKV) else self.recent.head_dim
 
     def full_keys(self) -> Array:
         """Pruned keys zero-filled back to ``D`` channels ``(B, H, Cp, D)`` (``q . k`` then equals the dot product on
         the kept channels)."""
-        b, h, cp, dk = self.pruned.k.shape
+        kp = self.pruned.dense()[0]
+        b, h, cp, dk = kp.shape
         ch = jnp.broadcast_to(self.channels.astype(jnp.int32)[:, :, None, :], (b, h, cp, dk))
-        zeros = jnp.zeros((b, h, cp, self.head_dim), self.pruned.k.dtype)
-        return jnp.put_along_axis(zeros, ch, self.pruned.k, axis=-1, inplace=False)
+        zeros = jnp.zeros((b, h, cp, self.head_dim), kp.dtype)
+        return jnp.put_along_axis(zeros, ch, kp, axis=-1, inplace=False)
 
     def dense(self) -> tuple[Array, Array]:
         """Keys (pruned channels zero) and values in slot order ``[pruned | recent]``."""
-        return (jnp.concatenate([self.full_keys(), self.recent.k], axis=2),
-                jnp.concatenate([self.pruned.v, self.recent.v], axis=2))
+        kr, vr = self.recent.dense()
+        kp = self.full_keys()
+        vp = self.pruned.dense()[1]
+        return (jnp.concatenate([kp, kr.astype(kp.dtype)], axis=2),
+                jnp.concatenate([vp, vr.astype(vp.dtype)], axis=2))
+
+    def quantized(self, spec) -> "ChannelPrunedKV":
+        """This layer with both parts quantized by ``spec`` (a quantizer after ThinK in a chain), each the way the
+        quantizer stores a dense layer that holds its decode room: the pruned part's keys with their ``D'`` kept
+        channels (the width must fit the quantizer's packing and groups: int8 fits any), its values, and the recent
+        part. The kept-channel indices stay as they are."""
+        from kvjax.quant.cache import quantize_sub_cache  # noqa: PLC0415
+
+        try:
+            pruned = quantize_sub_cache(self.pruned, spec) if isinstance(self.pruned, DenseKV) else self.pruned
+        except ValueError as e:
+            raise ValueError(f"cannot quantize ThinK's pruned keys ({self.pruned.k.shape[-1]} kept channels) with "
+                             f"{spec.bits}-bit codes in groups of {spec.k_group}: {e}") from None
+        recent = quantize_sub_cache(self.recent, spec) if isinstance(self.recent, DenseKV) else self.recent
+        return self.replace(pruned=pruned, recent=recent)
 
     def append(self, k: Array, v: Array, pos: Array) -> "ChannelPrunedKV":
         return self.replace(recent=self.recent.append(k, v, pos))
