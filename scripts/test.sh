@@ -6,7 +6,7 @@ bash scripts/install.sh test
 # No model hub is reachable: make any accidental hub access fail fast instead of hanging.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 JAX_PLATFORMS=cpu
 set +e
-.venv/bin/python -m pytest -m "not slow" -q -n 2 --durations=15 "$@"
+.venv/bin/python -m pytest -m "not slow" -q -n 2 --dist loadgroup --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "no tests collected"; exit 0; fi

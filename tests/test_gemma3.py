@@ -379,6 +379,7 @@ def test_xkv_full_rank_decodes_like_the_full_cache(gemma, rng):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, err_msg=f"step {t}")
 
 
+@pytest.mark.slow  # CI budget (~1 min eager on 2 cores); the Llama-family training tests run in CI
 def test_duo_gate_training_forward_on_gemma(gemma_base, rng):
     """DuoAttention's gate training runs Gemma 3's own forward (QK-norm, softmax scale, local ring layers) over gated
     global layers: all gates at 1 give the model's final hidden states; only global layers' gates get gradients and
@@ -404,6 +405,7 @@ def test_duo_gate_training_forward_on_gemma(gemma_base, rng):
     assert (pat == ~eligible).all()  # every global head streaming, local layers untouched
 
 
+@pytest.mark.slow  # CI budget (~1 min eager on 2 cores); the Llama-family training tests run in CI
 def test_locret_training_targets_on_gemma(gemma_base, rng):
     """Locret's training targets come from Gemma 3's own attention (QK-norm, softmax scale, RoPE bases) for its
     global layers only (local layers are skipped at inference): they equal the column max over the later queries of

@@ -482,6 +482,7 @@ def _check_parity(cfg, params, state: dict[str, np.ndarray]) -> None:
     assert matched == set(flat), f"kvjax params not in the HF state dict: {set(flat) - matched}"
 
 
+@pytest.mark.slow  # CI budget; tests/test_real_model.py checks the same GGUF's logits against transformers on real text
 def test_smollm2_parity_with_transformers(smollm2):
     path, cfg, params = smollm2
     _check_parity(cfg, params, _hf_state(path))

@@ -14,6 +14,10 @@ import pytest
 
 from kvjax.eval.experiment import ConfigError, run_experiment, validate
 
+# One xdist worker runs this module, so the module-scoped finished run is computed once (scripts/test.sh uses
+# --dist loadgroup), not once per worker.
+pytestmark = pytest.mark.xdist_group("launch")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
