@@ -1,7 +1,8 @@
-"""Before/after tables of the trained compressors on the embedded SmolLM2-135M (CPU).
+"""Before/after tables of the trained compressors on an embedded model (CPU; ``--model``, default SmolLM2-135M).
 
     python benchmarks/trained_compressors.py locret --heads runs/locret/ckpt --budget 128
     python benchmarks/trained_compressors.py duo --gates runs/duo/ckpt --sparsities 0.25,0.5,0.75
+    python benchmarks/trained_compressors.py duo --model gemma3-270m --gates runs/duo-gemma3/ckpt --sparsities 0.3333,0.6667
 
 ``locret``: full cache, SnapKV, H2O and Locret (chunked prefill with its trained heads) at the same final budget
 (tokens per layer and head): single-needle accuracy over ``--n`` prompts (Wikipedia filler, ~``--context`` tokens,
@@ -13,7 +14,12 @@ chunk) and the bytes after compression.
 ``duo``: full cache, StreamingLLM (the same sinks + window, original positions) and DuoAttention at several
 sparsities: the same quality metrics (needle and passkey prompts), KV bytes, and greedy decode tokens/s.
 
-Writes ``<out>/<kind>.json`` and ``<out>/<kind>.md`` (default ``docs/results``).
+On a model with sliding-window layers (Gemma 3) the methods act on the global layers only (the local layers keep
+their ring buffers): the tables then add the KV bytes of the global layers alone. Perplexity segments start with BOS
+for a model that expects one.
+
+Writes ``<out>/trained_<kind>.json`` and ``.md`` (default ``docs/results``; ``trained_<kind>_<model>`` for a model
+other than SmolLM2-135M).
 """
 from __future__ import annotations
 
@@ -77,14 +83,25 @@ def gen_cell(lm, method, prep, max_new: int, chunk: int | None) -> dict:
     return dict(task=ex.task, depth=float(ex.depth), prediction=text, answers=list(ex.answers),
                 score=float(scoring.score(ex.meta.get("metric", "contains_all"), text, ex.answers)),
                 answer_logprob=logp, peak_prefill_bytes=int(peak), kv_bytes=int(kv_nbytes(state)),
-                bytes=int(nbytes(state)), decode_tok_s=n / max(dt, 1e-9), decode_tokens=n)
+                global_kv_bytes=global_kv_bytes(lm.cfg, state), bytes=int(nbytes(state)),
+                # sliding-window layers hold the same fixed-size rings from the first chunk on, whatever the method
+                peak_global_bytes=int(peak) - sum(int(nbytes(x)) for i, x in enumerate(state.layers)
+                                                  if lm.cfg.layer_window(i)),
+                decode_tok_s=n / max(dt, 1e-9), decode_tokens=n)
+
+
+def global_kv_bytes(cfg, state) -> int:
+    """KV payload bytes of the global (non-sliding-window) layers: what the compressors act on."""
+    return int(sum(kv_nbytes(layer) for i, layer in enumerate(state.layers) if not cfg.layer_window(i)))
 
 
 def ppl_cell(lm, method, ctx_tokens: int, eval_tokens: int, chunk: int | None) -> float:
     from kvjax.data.corpora import load_text  # noqa: PLC0415
 
     ids = np.asarray(lm.tokenizer.encode(load_text("wikipedia")[-400_000:]), np.int32)  # held-out end of the text
-    seg = ids[-(ctx_tokens + eval_tokens):]
+    seg = ids[-(ctx_tokens + eval_tokens):].copy()
+    if lm.tokenizer.add_bos_token and lm.tokenizer.bos_id is not None:  # Gemma sees every segment after BOS
+        seg[0] = lm.tokenizer.bos_id
     prep = harness.Prepared(None, seg[:ctx_tokens], np.ones(ctx_tokens, bool), np.zeros(1, np.int32),
                             np.zeros(1, bool))
     logits, state, _ = compress(lm, method, prep, eval_tokens, chunk)
@@ -110,7 +127,9 @@ def summarize(label, cells, ppl, extra=None) -> dict:
     r = dict(method=label, acc=f"{int(sum(acc))}/{len(acc)}",
              logp=f"{np.mean([c['answer_logprob'] for c in cells]):.2f}", ppl=f"{ppl:.2f}",
              peak=f"{np.max([c['peak_prefill_bytes'] for c in cells]) / 2**20:.2f} MiB",
+             peak_global=f"{np.max([c['peak_global_bytes'] for c in cells]) / 2**20:.2f} MiB",
              kv=f"{np.mean([c['kv_bytes'] for c in cells]) / 2**20:.2f} MiB",
+             global_kv=f"{np.mean([c['global_kv_bytes'] for c in cells]) / 2**20:.2f} MiB",
              tok_s=f"{np.median([c['decode_tok_s'] for c in cells]):.1f}")
     r.update(extra or {})
     return r
@@ -119,6 +138,8 @@ def summarize(label, cells, ppl, extra=None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("locret", "duo"))
+    ap.add_argument("--model", default="smollm2-135m", help="an embedded model (kvjax.pretrained): smollm2-135m, "
+                    "gemma3-270m")
     ap.add_argument("--heads", default="runs/locret/ckpt")
     ap.add_argument("--gates", default="runs/duo/ckpt")
     ap.add_argument("--budget", type=int, default=128)
@@ -138,7 +159,9 @@ def main() -> None:
     a = ap.parse_args()
     from kvjax.pretrained import load_pretrained  # noqa: PLC0415
 
-    lm = load_pretrained("smollm2-135m", progress=False)
+    lm = load_pretrained(a.model, progress=False)
+    hybrid = any(lm.cfg.layer_window(i) for i in range(lm.cfg.num_layers))
+    name = f"trained_{a.kind}" + ("" if a.model == "smollm2-135m" else f"_{a.model}")
     tasks = [("niah_single", "wikipedia")] if a.kind == "locret" or not a.passkey else [
         ("niah_single", "wikipedia"), ("passkey", "shakespeare")]
     preps = []
@@ -159,7 +182,7 @@ def main() -> None:
                     (f"StreamingLLM {a.n_sink}+{a.recent}",
                      get_method("streaming_llm", n_sink=a.n_sink, window=a.recent, reposition=False), None)]
         for s in sorted([float(x) for x in a.sparsities.split(",")], key=lambda x: abs(x - 0.5)):
-            variants.append((f"DuoAttention sparsity {s:g}",
+            variants.append((f"DuoAttention sparsity {s:.2g}",
                              get_method("duo_attention", gates=gates, sparsity=s, n_sink=a.n_sink,
                                         recent=a.recent), None))
         variants = variants[2:3] + variants[:2] + variants[3:]  # the middle sparsity first, then the baselines
@@ -176,21 +199,23 @@ def main() -> None:
         rows.append(summarize(label, cells, ppl, {f"acc_{k}": v for k, v in by_task.items()}))
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"trained_{a.kind}.partial.json"), "w") as f:  # survives an interrupted run
+        with open(os.path.join(a.out, f"{name}.partial.json"), "w") as f:  # survives an interrupted run
             json.dump({"args": vars(a), "rows": rows}, f, indent=1, default=float)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, f"trained_{a.kind}.json"), "w") as f:
+    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump({"args": vars(a), "prompt_tokens": t, "results": results}, f, indent=1, default=float)
+    extra = [("global-layer KV after prefill", "global_kv")] if hybrid else []
     if a.kind == "locret":
         cols = [("method", "method"), (f"needle acc ({len(preps)} prompts)", "acc"), ("answer log-p", "logp"),
                 (f"perplexity ({a.ppl_tokens} tok after {a.ppl_context})", "ppl"), ("peak prefill KV", "peak"),
-                ("KV after prefill", "kv")]
+                ("KV after prefill", "kv")] + ([("peak prefill KV, global layers", "peak_global")] if hybrid else []) \
+            + extra
     else:
         cols = [("method", "method")] + [(f"{k} acc", f"acc_{k}") for k, _ in tasks] + [
             ("answer log-p", "logp"), (f"perplexity ({a.ppl_tokens} tok after {a.ppl_context})", "ppl"),
-            ("KV after prefill", "kv"), ("decode tok/s", "tok_s")]
+            ("KV after prefill", "kv")] + extra + [("decode tok/s", "tok_s")]
     md = table(rows, cols)
-    with open(os.path.join(a.out, f"trained_{a.kind}.md"), "w") as f:
+    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
         f.write(md + "\n")
     print(md)
 

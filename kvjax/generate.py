@@ -291,7 +291,9 @@ def prefill_chunked(model: Model, params, prompt: jax.Array, method=None, *, chu
     mask = jnp.ones(prompt.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask, bool)
     bounds = list(range(0, t, chunk_size)) + [t]
     observe = method.observe()
-    state = model.init_state(b, t + decode_room if full else bounds[1], dtype)
+    # A method's chunk phase bounds the global layers; sliding-window layers (Gemma 3) are left alone by every method,
+    # so they get what a full prefill gives them (a ring of the window, or the whole prompt if it is shorter).
+    state = model.init_state(b, t + decode_room if full else bounds[1], dtype, local_capacity=t + decode_room)
     peak, per_chunk, logits = 0, [], None
     for j in range(len(bounds) - 1):
         lo, hi = bounds[j], bounds[j + 1]

@@ -59,10 +59,11 @@ class Model:
             return forward_fn(self.cfg)
         return _sharded_forward(forward_fn(self.cfg), self.mesh)
 
-    def init_state(self, batch: int, capacity: int, dtype=jnp.float32, *, local_ring: bool = True) -> KVState:
+    def init_state(self, batch: int, capacity: int, dtype=jnp.float32, *, local_ring: bool = True,
+                   local_capacity: int | None = None) -> KVState:
         """An empty full KV cache with ``capacity`` slots per global layer (see :func:`kvjax.state.init_state`);
         on the model's mesh, sharded by the rules."""
-        state = init_state(self.cfg, batch, capacity, dtype, local_ring=local_ring)
+        state = init_state(self.cfg, batch, capacity, dtype, local_ring=local_ring, local_capacity=local_capacity)
         return state if self.mesh is None else self.shard_state(state)
 
     def shard_state(self, state: KVState) -> KVState:

@@ -562,12 +562,18 @@ def init_dense_layer(batch: int, num_kv_heads: int, capacity: int, head_dim: int
     )
 
 
-def init_state(cfg, batch: int, capacity: int, dtype=jnp.float32, *, local_ring: bool = True) -> KVState:
+def init_state(cfg, batch: int, capacity: int, dtype=jnp.float32, *, local_ring: bool = True,
+               local_capacity: int | None = None) -> KVState:
     """An empty full-precision KV state for model config ``cfg``.
 
     ``capacity`` is the number of slots of every global layer. Layers with a sliding window (Gemma 3 local layers,
     Mistral) get a ring buffer of ``min(window, capacity)`` slots when ``local_ring`` is true — they never need more.
+    ``local_capacity`` (default ``capacity``) sizes the sliding-window layers separately: a chunked prefill whose
+    method bounds the global layers to a chunk still needs the local layers a full prefill would give them.
     """
+    local_cap = capacity if local_capacity is None else int(local_capacity)
+    if local_cap <= 0:
+        raise ValueError(f"local_capacity must be positive, got {local_capacity}")
     if batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
     if getattr(cfg, "mla_kv_rank", 0):  # multi-head latent attention: a latent cache per layer
@@ -578,10 +584,11 @@ def init_state(cfg, batch: int, capacity: int, dtype=jnp.float32, *, local_ring:
     layers = []
     for i in range(cfg.num_layers):
         w = cfg.layer_window(i)
-        if w and local_ring and w < capacity:
+        if w and local_ring and w < local_cap:
             layers.append(init_dense_layer(batch, cfg.num_kv_heads, w, cfg.head_dim, dtype, window=w, ring_start=0))
         else:
-            layers.append(init_dense_layer(batch, cfg.num_kv_heads, capacity, cfg.head_dim, dtype, window=w))
+            layers.append(init_dense_layer(batch, cfg.num_kv_heads, local_cap if w else capacity, cfg.head_dim,
+                                           dtype, window=w))
     return KVState(layers=tuple(layers), next_pos=jnp.zeros((batch,), jnp.int32),
                    rope_shift=jnp.zeros((batch,), jnp.int32))
 

@@ -22,6 +22,7 @@ import kvjax
 from kvjax.checkpoints.safetensors import load_safetensors
 from kvjax.config import UnsupportedConfigError, config_from_hf
 from kvjax.generate import generate
+from kvjax.state import init_state
 
 T = 20  # context length, > the sliding window
 CAP = 32  # slots of the global layers' caches
@@ -435,3 +436,45 @@ def test_locret_training_targets_on_gemma(gemma_base, rng):
     batch = {"tokens": tokens, "mask": mask, "query_mask": qmask}
     g = jax.grad(lambda h: make_loss(model)(h, params, batch, None)[0])(heads)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))
+
+
+def test_local_layers_sized_apart_from_global_ones(gemma_base):
+    """``init_state(local_capacity=...)``: what a chunked prefill gives Gemma 3's sliding-window layers (a ring of
+    the window, or the whole prompt when it is shorter) while its method bounds the global layers to a chunk."""
+    cfg = gemma_base[1].cfg
+    glob = [i for i in range(cfg.num_layers) if i not in _local_layers(cfg)]
+    for local_cap, want_local, ring in ((T, WINDOW, 0), (WINDOW - 2, WINDOW - 2, -1)):
+        state = init_state(cfg, 1, 4, local_capacity=local_cap)
+        for i, layer in enumerate(state.layers):
+            if i in glob:
+                assert layer.capacity == 4 and not layer.window
+            else:
+                assert (layer.capacity, layer.window, layer.ring_start) == (want_local, WINDOW, ring)
+    with pytest.raises(ValueError, match="local_capacity must be positive"):
+        init_state(cfg, 1, 4, local_capacity=0)
+
+
+@pytest.mark.slow  # ~15-30 s of compilation on the shared CPU
+def test_locret_chunked_prefill_on_gemma(gemma_base, rng):
+    """Locret's chunked prefill on Gemma 3: the chunk phase bounds the global layers (budget + one chunk), the
+    local layers keep the ring buffers a full prefill gives them (they overflowed a chunk-sized cache before), and
+    with a budget that holds the whole prompt nothing is evicted: the last logits are the one-shot prefill's."""
+    from kvjax.compress import get_method
+    from kvjax.compress.locret import RetainingHeads, init_heads
+    from kvjax.generate import prefill_chunked
+
+    _, model, params = gemma_base
+    cfg = model.cfg
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, T)), jnp.int32)
+    heads = RetainingHeads(init_heads(cfg, jax.random.PRNGKey(0), 8))
+    want, _ = _prefill(model, params, np.repeat(np.asarray(tokens), 2, 0), np.ones((2, T), bool))  # shared shape
+    keep_all = prefill_chunked(model, params, tokens, get_method("locret", heads=heads, budget=T, chunk_size=T // 2,
+                                                                 stabilizers=2, local_len=1), chunk_size=T // 2)
+    np.testing.assert_allclose(np.asarray(keep_all.logits)[0], want[0, -1], atol=1e-4)
+    res = prefill_chunked(model, params, tokens, get_method("locret", heads=heads, budget=5, chunk_size=4,
+                                                            stabilizers=2, local_len=1), chunk_size=4, decode_room=3)
+    for i, layer in enumerate(res.state.layers):
+        if i in _local_layers(cfg):
+            assert layer.capacity == WINDOW and int(layer.fill.max()) == T  # a ring that has wrapped
+        else:
+            assert layer.capacity == 5 + 3 and int(layer.fill.max()) == 5

@@ -150,6 +150,26 @@ def test_batches_deterministic_with_disjoint_heldout(tokenizer):
         Batches(DataConfig(sources=("task:nope",)), tokenizer)
 
 
+def test_batches_start_with_bos_for_models_that_expect_it(tokenizer):
+    """Gemma 3 expects BOS at the start of a sequence: text windows and task examples start with it (the rest of a
+    text window is the same window), and nothing changes for a tokenizer without that policy (SmolLM2)."""
+    import copy
+
+    assert not tokenizer.add_bos_token and tokenizer.bos_id is not None
+    gemma_like = copy.copy(tokenizer)
+    gemma_like.add_bos_token = True
+    cfg = DataConfig(sources=("text:hamlet", "task:passkey"), seq_len=96, batch_size=4, query_tokens=12,
+                     max_chars=60_000, task_kwargs=(("filler", "repeat"),))
+    plain, bos = Batches(cfg, tokenizer), Batches(cfg, gemma_like)
+    w0, _, _ = plain._text("hamlet", np.random.default_rng([0, 3, 0]), False)
+    w1, _, _ = bos._text("hamlet", np.random.default_rng([0, 3, 0]), False)
+    assert w1[0] == tokenizer.bos_id and w0[0] != tokenizer.bos_id
+    np.testing.assert_array_equal(w0[1:], w1[1:])
+    x = bos.train(0)
+    first = x["tokens"][np.arange(4), np.argmax(x["mask"], axis=1)]
+    assert (first == tokenizer.bos_id).all()
+
+
 DP_SCRIPT = textwrap.dedent("""
     import os, sys, json
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"

@@ -13,7 +13,8 @@ numpy arrays, all ``(B, T)``:
 Sources (``data.sources``, mixed per example with ``data.weights``):
 
 * ``"text:<corpus>"`` (``kvjax.data.corpora`` names: ``wikipedia``, ``shakespeare``, a play): random windows of
-  ``seq_len`` tokens of the first ``max_chars`` characters. The last ``heldout_fraction`` of the tokens is the
+  ``seq_len`` tokens of the first ``max_chars`` characters (the first token replaced by BOS for a tokenizer whose
+  model expects one, Gemma 3). The last ``heldout_fraction`` of the tokens is the
   held-out split; train windows never overlap it.
 * ``"task:<name>"`` (``kvjax.eval.tasks``: ``passkey``, ``niah_single`` ...): examples of about ``seq_len`` tokens
   at uniform random depths; train and held-out examples use disjoint generator seeds.
@@ -103,7 +104,16 @@ class Batches:
         lo, hi = (cut, len(ids) - t) if heldout else (0, cut - t)
         start = int(rng.integers(lo, hi + 1))
         q = self.cfg.query_tokens
-        return ids[start:start + t], t - q, t - q
+        window = ids[start:start + t]
+        if self._bos() is not None:  # models trained with BOS (Gemma) see every window after it, as in evaluation
+            window = np.concatenate([[self._bos()], window[1:]]).astype(np.int32)
+        return window, t - q, t - q
+
+    def _bos(self) -> int | None:
+        """The BOS id when the model expects one at the start of a sequence (Gemma 3), else None."""
+        if getattr(self.tok, "add_bos_token", False) and getattr(self.tok, "bos_id", None) is not None:
+            return int(self.tok.bos_id)
+        return None
 
     def _task(self, name: str, seed: int, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
         from kvjax.eval.tasks import format_prompt, get_task  # noqa: PLC0415
@@ -111,7 +121,7 @@ class Batches:
         t = self.cfg.seq_len
         kw = dict(self.cfg.task_kwargs)
         ex = get_task(name)(seed, max(16, t - 48), float(rng.uniform(0.05, 0.95)), self.tok.count, **kw)
-        bos = getattr(self.tok, "add_bos_token", False) and getattr(self.tok, "bos_id", None) is not None
+        bos = self._bos() is not None
         ctx_ids = self.tok.encode(ex.user_message(), add_bos=bos)
         prompt_ids = self.tok.encode(format_prompt(ex, "plain"), add_bos=bos)
         ans_ids = self.tok.encode(" " + ex.answers[0])
@@ -121,6 +131,8 @@ class Batches:
         if len(ids) > t:  # cut the context's start (question and answer stay)
             drop = len(ids) - t
             ids, q_start, a_start = ids[drop:], max(0, q_start - drop), a_start - drop
+            if bos:
+                ids = np.concatenate([[self._bos()], ids[1:]]).astype(np.int32)
         return ids, q_start, a_start
 
     def _example(self, source: str, seed: int, heldout: bool):

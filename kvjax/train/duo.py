@@ -85,16 +85,28 @@ class DuoTrainer:
         return {"gate_mean": float(g.mean()), "gates": g.round(4).tolist()}
 
 
-def plot_gates(gates: np.ndarray, path: str, title: str) -> None:
-    """Heat map of gate values (layers x KV heads)."""
+def plot_gates(gates: np.ndarray, path: str, title: str, eligible: np.ndarray | None = None) -> None:
+    """Heat map of gate values (layers x KV heads). Heads outside ``eligible`` (sliding-window layers: no gate) are
+    drawn grey and labelled "local"; small maps carry each gate's value in its cell."""
+    import os  # noqa: PLC0415
+
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    g = np.asarray(gates)
+    g = np.asarray(gates, np.float64)
+    ok = np.ones(g.shape, bool) if eligible is None else np.asarray(eligible, bool)
+    if ok.shape != g.shape:
+        raise ValueError(f"eligible mask of shape {ok.shape} does not match gates of shape {g.shape}")
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("0.85")
     fig, ax = plt.subplots(figsize=(max(3, 0.6 * g.shape[1] + 2), max(3, 0.18 * g.shape[0] + 1)))
-    im = ax.imshow(g, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    im = ax.imshow(np.ma.masked_where(~ok, g), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    if g.size <= 64:
+        for (i, j), v in np.ndenumerate(g):
+            ax.text(j, i, f"{v:.2f}" if ok[i, j] else "local", ha="center", va="center", fontsize=6,
+                    color="black" if not ok[i, j] or v > 0.6 else "white")
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(g.shape[1]))
@@ -104,6 +116,4 @@ def plot_gates(gates: np.ndarray, path: str, title: str) -> None:
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    import os  # noqa: PLC0415
-
     os.replace(tmp, path)

@@ -174,10 +174,11 @@ def run_training(config, progress: bool = True, lm=None) -> dict:
             "steps": int(state.step), "config": tc, **trainer.info()}
     extra = trainer.finalize(lm, state.params, info) if hasattr(trainer, "finalize") else {}
     if tc["kind"] == "duo_attention":
+        from kvjax.compress.duo_attention import gated_layer_mask  # noqa: PLC0415
         from kvjax.train.duo import plot_gates  # noqa: PLC0415
 
         plot_gates(np.asarray(state.params["gates"]), os.path.join(run_dir, "gates.png"),
-                   f"DuoAttention gates, {c['model']['name']}")
+                   f"DuoAttention gates, {c['model']['name']}", eligible=gated_layer_mask(lm.cfg))
     info.update(extra)
     save_artifact(os.path.join(run_dir, "ckpt"), jax.device_get(state.params), info)
     if hasattr(trainer, "save_model"):  # trainers that produce a whole model (MLA upcycling): loadable by path
