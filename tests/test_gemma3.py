@@ -438,10 +438,10 @@ def test_locret_training_targets_on_gemma(gemma_base, rng):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))
 
 
-def test_local_layers_sized_apart_from_global_ones(gemma_base):
+def test_local_layers_sized_apart_from_global_ones():
     """``init_state(local_capacity=...)``: what a chunked prefill gives Gemma 3's sliding-window layers (a ring of
     the window, or the whole prompt when it is shorter) while its method bounds the global layers to a chunk."""
-    cfg = gemma_base[1].cfg
+    cfg = config_from_hf(_raw_config())
     glob = [i for i in range(cfg.num_layers) if i not in _local_layers(cfg)]
     for local_cap, want_local, ring in ((T, WINDOW, 0), (WINDOW - 2, WINDOW - 2, -1)):
         state = init_state(cfg, 1, 4, local_capacity=local_cap)
