@@ -61,11 +61,11 @@ def test_markdown_round_trip_and_bad_rows():
 
 
 def test_plot_stored_quickstart_results(tmp_path):
-    """The README's figure from docs/results/quickstart.md: every method once, three panels."""
-    with open(os.path.join(ROOT, "docs/results/quickstart.md")) as f:
+    """The README's figure from docs/results/quickstart-all-methods.md: 18 methods, 8 needle prompts each: an answer log-prob and an accuracy panel."""
+    with open(os.path.join(ROOT, "docs/results/quickstart-all-methods.md")) as f:
         summary = summary_from_markdown(f.read())
     assert len({s["label"] for s in summary}) >= 18
     out = tmp_path / "q.png"
     panels = plot_quality_vs_bytes(summary, str(out))
-    assert [p[2] for p in panels] == ["answer_logprob", "answer_logprob", "kl_vs_full"]
+    assert [p[2] for p in panels] == ["answer_logprob", "quality"]
     assert out.stat().st_size > 20_000 and not (tmp_path / "q.png.tmp.png").exists()
