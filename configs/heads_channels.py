@@ -31,7 +31,14 @@ PERPLEXITY = {"enabled": True, "corpus": "shakespeare", "context_tokens": 768, "
               "mode": ("once",)}
 
 
-def get_config() -> ml_collections.ConfigDict:
+NEW = ("full", "snapkv_xkv_int4", "snapkv_minicache_kivi4", "lacache", "lacache_int8", "snapkv_think_int8", "snapkv")
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """``arg``: ``""`` every variant; ``"new"`` the full cache, this run's new variants and SnapKV only (the cells are
+    the same: a later run of the whole config in the same run directory reuses them)."""
+    if arg not in ("", "new"):
+        raise ValueError(f"configs/heads_channels.py:{arg}: choose '' (every variant) or 'new'")
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/heads_channels"
     c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
@@ -61,6 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
         # "razor_unweighted": {"name": "razor", "min_buffer": 0, "count_weight": False},
         # "adakv_padded": {"name": "adakv", "budget": 128, "storage": "padded"},
     })
+    if arg == "new":
+        c.methods = ml_collections.ConfigDict({k: v for k, v in c.methods.to_dict().items() if k in NEW})
     c.tasks = ml_collections.ConfigDict({"niah_single": dict(NEEDLES)})
     c.perplexity = ml_collections.ConfigDict(dict(PERPLEXITY))
     return c
