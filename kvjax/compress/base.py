@@ -58,7 +58,7 @@ class Method:
     family: ClassVar[str] = ""
     needs_dense: ClassVar[bool] = True  # it reads/gathers float keys and values
     # Kinds of non-dense caches the method also accepts before it in a chain (a quantizer quantizing the payload of
-    # cross-layer caches: ("crosslayer",)); such layers reach its prefill as they are.
+    # xKV / MiniCache / ThinK layers: ("crosslayer", "channel")); such layers reach its prefill as they are.
     also_accepts: ClassVar[tuple[str, ...]] = ()
     # A decode-time method whose decode phase also runs on the quantized layers a later quantizer of the chain leaves
     # (LaCache on per-token int8/int4 caches); it checks those quantizers in check_followers.
