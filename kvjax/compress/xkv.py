@@ -31,8 +31,9 @@ group's token-side factors ``A_k`` / ``A_v`` (each token's coefficients in the g
 the context) the way the quantizer treats keys / values, and the decode buffer the way it stores a dense layer; the
 per-layer factors ``B_l`` (size independent of the context) stay in the cache dtype. The paper does not combine xKV
 with quantization (it calls it orthogonal); this order — factor first, then quantize the factors — is kvjax's choice,
-since quantizing before the SVD would be undone by it (the factors of dequantized keys are floats again). The factor
-widths (ranks) must fit the quantizer's groups (e.g. KIVI's 32-channel value groups need ``rank_v`` a multiple of 32).
+since quantizing before the SVD would be undone by it (the factors of dequantized keys are floats again). A factor
+whose width (its rank, capped by the token count) does not fit the quantizer's channel groups is padded with zero
+columns to the next multiple (stored and counted: e.g. a 72-wide factor in groups of 16 takes 80 codes per token).
 """
 from __future__ import annotations
 

@@ -650,8 +650,10 @@ class QuantTensor:
     merged directions).
 
     ``axis="token"``: ``d // group`` scales per row (``group`` channels each); ``axis="channel"``: one scale per channel
-    over groups of ``group`` rows (the rows are padded with invalid ones to a multiple of ``group``; ``n`` is the true
-    row count). ``kvjax.nbytes`` counts the codes, scales and zeros.
+    over groups of ``group`` rows. The rows are padded with invalid ones to a multiple of the row group, the columns
+    with zero ones to a multiple of the channel group (or of the codes per byte) — a factor's width is its rank, which
+    need not fit the quantizer's groups; the padding is stored, so ``kvjax.nbytes`` (codes, scales, zeros) counts it.
+    ``n`` / ``d`` are the true row / column counts.
     """
 
     codes: Array
@@ -661,35 +663,34 @@ class QuantTensor:
     group: int = struct.field(pytree_node=False, default=0)
     axis: str = struct.field(pytree_node=False, default="token")
     n: int = struct.field(pytree_node=False, default=0)
+    d: int = struct.field(pytree_node=False, default=0)
 
     @staticmethod
     def build(x: Array, valid: Array | None, *, bits: int, group: int, axis: str, scale_dtype="float16",
               what: str = "tensor") -> "QuantTensor":
         """Quantizes ``x`` ``(..., n, d)``; ``valid`` ``(..., n)`` marks the rows that count for the min/max.
-        ``group`` 0 = the whole axis. Refuses (one line, naming ``what``) a group that does not fit the tensor."""
+        ``group`` 0 = the whole axis. Refuses (one line, naming ``what``) a negative group."""
         qz.check_bits(bits)
         qz.check_axis(axis)
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 0:
+            raise ValueError(f"cannot quantize {what}: group must be an integer >= 0, got {group!r}")
         n, d = x.shape[-2:]
+        ppb = 8 // bits
         valid = jnp.ones(x.shape[:-1], bool) if valid is None else valid
-        try:
-            packing.packed_dim(d, bits)
-            if axis == "token":
-                g = qz.resolve_group(group, d, bits, f"{what} group")
-            else:
-                g = n if group == 0 else group
-                if g <= 0:
-                    raise ValueError(f"{what} group (rows per per-channel scale) must be positive, got {group}")
-        except ValueError as e:
-            raise ValueError(f"cannot quantize {what} of shape {tuple(x.shape)} to {bits} bits per {axis} in groups "
-                             f"of {group}: {e}") from None
-        pad = (-n) % g if axis == "channel" else 0
-        xp, vp = pad_slots(x.astype(jnp.float32), pad, axis=-2), pad_slots(valid, pad, False, axis=-1)
+        if axis == "token":
+            g = -(-d // ppb) * ppb if group == 0 else -(-group // ppb) * ppb
+            d_pad, n_pad = -(-d // g) * g, n
+        else:
+            g = max(n, 1) if group == 0 else group
+            d_pad, n_pad = -(-d // ppb) * ppb, -(-n // g) * g
+        xp = pad_slots(pad_slots(x.astype(jnp.float32), n_pad - n, axis=-2), d_pad - d, axis=-1)
+        vp = pad_slots(valid, n_pad - n, False, axis=-1)
         codes, scale, zero = qz.quantize(xp, vp, bits=bits, group=g, axis=axis, scale_dtype=jnp.dtype(scale_dtype))
-        return QuantTensor(codes=codes, scale=scale, zero=zero, bits=bits, group=g, axis=axis, n=n)
+        return QuantTensor(codes=codes, scale=scale, zero=zero, bits=bits, group=g, axis=axis, n=n, d=d)
 
     def dequant(self, dtype=jnp.float32) -> Array:
         x = qz.dequantize(self.codes, self.scale, self.zero, bits=self.bits, group=self.group, axis=self.axis)
-        return x[..., :self.n, :].astype(dtype)
+        return x[..., :self.n, :self.d].astype(dtype)
 
 
 def dequant_any(x, dtype=jnp.float32) -> Array:
