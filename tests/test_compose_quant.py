@@ -192,9 +192,15 @@ def test_quant_tensor_pads_widths_that_do_not_fit_the_groups():
     """A factor 72 wide (xKV's rank of a 2-layer group) in int4 groups of 16 channels: padded to 80 columns (stored
     and counted); per channel over 4-row groups, 13 rows padded to 16. Dequantized within half a step."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 13, 72)), jnp.float32)
-    t = QuantTensor.build(x, None, bits=4, group=16, axis="token")
+
+    @jax.jit
+    def both(x):
+        t = QuantTensor.build(x, None, bits=4, group=16, axis="token")
+        c = QuantTensor.build(x, None, bits=2, group=4, axis="channel")
+        return t, t.dequant(), c, c.dequant()
+
+    t, xt, c, xc = both(x)
     assert t.codes.shape == (2, 13, 40) and nbytes(t) == 2 * 13 * (40 + 2 * 5 * F16)
     step = (np.asarray(t.scale, np.float32)[..., :, None] * np.ones((1, 1, 1, 16))).reshape(2, 13, 80)[..., :72]
-    assert np.all(np.abs(np.asarray(t.dequant()) - np.asarray(x)) <= 0.5 * step * 1.01 + 1e-6)
-    c = QuantTensor.build(x, None, bits=2, group=4, axis="channel")
-    assert c.codes.shape == (2, 16, 18) and c.scale.shape == (2, 4, 72) and c.dequant().shape == x.shape
+    assert np.all(np.abs(np.asarray(xt) - np.asarray(x)) <= 0.5 * step * 1.01 + 1e-6)
+    assert c.codes.shape == (2, 16, 18) and c.scale.shape == (2, 4, 72) and xc.shape == x.shape
