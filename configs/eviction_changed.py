@@ -3,8 +3,12 @@ only, the rows issue 11 changed (PyramidKV with layer budgets from the prompt's 
 Scissorhands keeping B after prefill, Keyformer scoring all prompt queries) and the rows they are read against (full
 cache, StreamingLLM 4 + 124, SnapKV, H2O); 8 single-needle prompts per row as configs/eviction.py, perplexity only
 compressed once (then growing; decode-time eviction off, as kvpress scores every press), not token by token.
+KIVI-2 (its paper's defaults) is the reference quantizer row: another way to an ~5x smaller cache that keeps every
+token.
 
 python -m kvjax.launch --config=configs/eviction_changed.py
+Gemma 3 270M, same cells (run dir ``runs/eviction_changed-gemma3-270m``): ``--config=configs/eviction_changed.py:gemma3-270m``.
+On Gemma 3 the methods act on its 3 global layers; its 15 sliding-window layers keep their 512-slot rings.
 """
 import importlib.util
 import pathlib
@@ -16,14 +20,19 @@ _spec.loader.exec_module(_base)
 KEEP = ("full", "streaming_llm", "snapkv", "pyramidkv", "adakv", "h2o", "scissorhands", "keyformer")
 
 
-def get_config():
+def get_config(model: str = ""):
+    """``model`` (``--config=configs/eviction_changed.py:<model>``): another model than SmolLM2-135M, same cells, run
+    directory suffixed with its name."""
     c = _base.get_config()
-    c.run_dir = "runs/eviction_changed"
+    c.run_dir = f"runs/eviction_changed-{model}" if model else "runs/eviction_changed"
+    if model:
+        c.model.name = model
     for name in list(c.methods.keys()):
         if name not in KEEP:
             del c.methods[name]
     c.methods.streaming_llm.window = (124,)
     for name in KEEP[2:]:
         c.methods[name].budget = (128,)
+    c.methods.kivi = {"bits": (2,)}
     c.perplexity.mode = ("once",)
     return c

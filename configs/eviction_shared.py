@@ -18,7 +18,9 @@ Cells as in ``configs/eviction.py``: 8 single-needle prompts (4 depths x 2 seeds
 in both settings (once / stream), allocated and valid bytes.
 
 python -m kvjax.launch --config=configs/eviction_shared.py
-Gemma 3 270M: --config.model.name=gemma3-270m --config.run_dir=runs/eviction-shared-gemma3
+Gemma 3 270M, same cells (run dir ``runs/eviction-shared-gemma3-270m``): ``--config=configs/eviction_shared.py:gemma3-270m``.
+On Gemma 3 the methods act on its 3 global layers; its 15 sliding-window layers keep their 512-slot rings (the
+rows then also report the bytes of the global layers alone).
 """
 import ml_collections
 
@@ -32,10 +34,12 @@ SHARED = {"window": 32, "kernel": 7, "pooling": "maxpool"}
 SNAP = {**SHARED, "gqa_reduce": "mean", "gqa_order": "pool_then_reduce"}
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(model: str = "") -> ml_collections.ConfigDict:
+    """``model`` (``--config=configs/eviction_shared.py:<model>``): another model than SmolLM2-135M, same cells, run
+    directory suffixed with its name."""
     c = ml_collections.ConfigDict()
-    c.run_dir = "runs/eviction-shared"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
+    c.run_dir = f"runs/eviction-shared-{model}" if model else "runs/eviction-shared"
+    c.model = ml_collections.ConfigDict({"name": model or "smollm2-135m", "dtype": "float32"})
     c.precompile = True
     c.prompt_style = "plain"
     c.max_new_tokens = 10

@@ -675,3 +675,21 @@ def valid_nbytes(tree: Any) -> int:
         for layer in layers:
             total += layer_bytes(layer)
     return total + nbytes(tree.replace(layers=()))
+
+
+def global_layer_nbytes(state: Any, cfg) -> tuple[int, int] | None:
+    """``(allocated, valid)`` bytes (:func:`nbytes`, :func:`valid_nbytes`) of the layers of ``state`` that attend
+    globally (``cfg.layer_window(i) == 0``), or ``None`` when the state's layers do not map one to one onto the
+    model's (a method that merges layers).
+
+    On a hybrid model (Gemma 3: 5 sliding-window ring layers per global one) the compression methods act on the global
+    layers and leave the rings alone, so whole-cache ratios are small by construction; these bytes are the part the
+    methods compress. The state's own counters (``next_pos``, ``rope_shift``) are not counted.
+    """
+    layers = state.layers
+    if isinstance(layers, StackedLayers):
+        layers = layers.unstack()
+    if len(layers) != cfg.num_layers:
+        return None
+    glob = [layer for i, layer in enumerate(layers) if not cfg.layer_window(i)]
+    return nbytes(glob), sum(valid_nbytes(layer) for layer in glob)

@@ -168,6 +168,28 @@ def test_nbytes_counts_ring_buffers(gemma_base):
     assert kvjax.nbytes(state) < kvjax.nbytes(model.init_state(b, cap, local_ring=False))
 
 
+def test_global_layer_nbytes_counts_the_global_layers_alone(gemma_base):
+    """The bytes the eval harness reports for Gemma's global layers (the part the methods compress): allocated =
+    the global layers' arrays, valid = their slots holding a token; the local rings and counters are left out."""
+    from kvjax.eval.harness import _global_bytes
+    from kvjax.state import global_layer_nbytes, valid_nbytes
+
+    _, model, _ = gemma_base
+    cfg, b, cap, kept = model.cfg, 2, 64, 10
+    state = model.init_state(b, cap)
+    glob = [i for i in range(cfg.num_layers) if i not in _local_layers(cfg)]
+    per_slot = b * cfg.num_kv_heads * (2 * cfg.head_dim * 4 + 4)
+    fill = b * cfg.num_kv_heads * 4
+    layers = list(state.layers)
+    for i in glob:  # `kept` valid slots in each global layer
+        layers[i] = layers[i].replace(pos=layers[i].pos.at[..., :kept].set(jnp.arange(kept)))
+    state = state.replace(layers=tuple(layers))
+    assert global_layer_nbytes(state, cfg) == (len(glob) * (cap * per_slot + fill), len(glob) * (kept * per_slot + fill))
+    assert global_layer_nbytes(state, cfg)[1] < valid_nbytes(state)
+    assert _global_bytes(cfg, state, state)["kv_valid_bytes_prefill_global"] == len(glob) * (kept * per_slot + fill)
+    assert global_layer_nbytes(state.replace(layers=state.layers[:-1]), cfg) is None  # merged layers: not reported
+
+
 PROMPT = 9  # > WINDOW: a prompt chunk that already wraps the local ring buffers
 
 

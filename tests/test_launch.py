@@ -342,3 +342,22 @@ def test_valid_nbytes_of_ragged_layer_excludes_decode_room():
     per_slot = 4 * (4 + 4 + 1)
     assert nbytes(layer) == 6 * per_slot + 4 * 3 + 4 * 2
     assert valid_nbytes(layer) == 3 * per_slot + 4 * 3 + 4 * 2
+
+
+@pytest.mark.parametrize("name,run_dir", [("eviction_shared", "runs/eviction-shared"),
+                                          ("eviction_changed", "runs/eviction_changed")])
+def test_eviction_configs_take_the_model_as_argument(name, run_dir):
+    """``--config=configs/<name>.py:gemma3-270m``: the same cells as SmolLM2's table, another model and run dir."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base, gemma = mod.get_config().to_dict(), mod.get_config("gemma3-270m").to_dict()
+    assert (base["model"]["name"], base["run_dir"]) == ("smollm2-135m", run_dir)
+    assert (gemma["model"]["name"], gemma["run_dir"]) == ("gemma3-270m", f"{run_dir}-gemma3-270m")
+    for key in ("methods", "tasks", "perplexity", "prompt_style", "max_new_tokens"):
+        assert gemma[key] == base[key]
+    assert gemma["tasks"]["niah_single"]["depths"] == (0.2, 0.4, 0.6, 0.8)
+    assert gemma["tasks"]["niah_single"]["seeds"] == (0, 1)
+    validate(mod.get_config("gemma3-270m"))

@@ -69,3 +69,39 @@ def test_plot_stored_quickstart_results(tmp_path):
     panels = plot_quality_vs_bytes(summary, str(out))
     assert [p[2] for p in panels] == ["answer_logprob", "quality"]
     assert out.stat().st_size > 20_000 and not (tmp_path / "q.png.tmp.png").exists()
+
+
+def _method_table():
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("method_table", os.path.join(ROOT, "scripts", "method_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _gen_row(label, depth, seed, score, alloc, glob=None):
+    r = dict(label=label, task="niah_single", key=f"{label}|niah_single|1024|{depth}|{seed}", depth=depth + 0.013,
+             score=score, answer_logprob=-1.0, kv_bytes_prefill=alloc, kv_bytes_full=8 * 2**20,
+             kv_valid_bytes_prefill=alloc, kv_valid_bytes_full=8 * 2**20)
+    if glob is not None:  # a hybrid model: the global layers alone
+        r.update(kv_bytes_prefill_global=glob, kv_bytes_full_global=4 * 2**20, kv_valid_bytes_prefill_global=glob,
+                 kv_valid_bytes_full_global=4 * 2**20)
+    return r
+
+
+def test_method_table_global_layer_bytes_and_depths():
+    """scripts/method_table.py: Wilson cell, the global-layer columns only for rows that carry them (hybrid models),
+    and the needles kept per requested depth (the cell key's, not the measured depth)."""
+    mt = _method_table()
+    rows = [_gen_row("full", d, s, 1.0, 8 * 2**20, 4 * 2**20) for d in (0.2, 0.8) for s in (0, 1)]
+    rows += [_gen_row("snapkv", d, s, float(d == 0.8 and s == 0), 5 * 2**20, 1 * 2**20) for d in (0.2, 0.8)
+             for s in (0, 1)]
+    lines = mt.table(rows).splitlines()
+    assert "global layers MiB allocated (ratio)" in lines[0]
+    assert lines[3].split(" | ")[1:] == ["1/4 [0.05, 0.70]", "-1.00", "5.0 (1.60x)", "5.0 (1.60x)", "1.0 (4.00x)",
+                                         "1.0 (4.00x) |"]
+    plain = [{k: v for k, v in r.items() if not k.endswith("_global")} for r in rows]
+    assert "global layers" not in mt.table(plain)
+    assert mt.depth_table(rows).splitlines()[1:] == ["|---|---|---|", "| full | 2/2 | 2/2 |", "| snapkv | 0/2 | 1/2 |"]
+    assert mt.depth_table(rows).splitlines()[0] == "| method | depth 0.2 | depth 0.8 |"

@@ -14,7 +14,9 @@ Measurements, per cell:
 * bytes: :func:`kvjax.nbytes` of the state after prefill + compression (what the state *allocates*) and at the end
   of decoding, and of the full cache for the same prompt (the shared prefill's state), hence the ratio; beside it
   :func:`kvjax.state.valid_nbytes`, the bytes of the *valid* entries (slots holding a token; padding of ragged heads
-  to the largest one and free decode room not charged), and its ratio to the full cache's valid bytes;
+  to the largest one and free decode room not charged), and its ratio to the full cache's valid bytes; on models
+  with sliding-window layers (Gemma 3) both also for the global-attention layers alone (``*_global``), the part the
+  methods compress (they leave the local rings alone);
 * speed: prefill and compression seconds and decode tokens/s, timed with ``block_until_ready``; every program is
   compiled ahead of its timed call (``jit(...).lower(...).compile()``, which fills the call cache), so no figure
   includes compilation and nothing runs twice.
@@ -41,7 +43,7 @@ from kvjax.compress.base import Context, Identity, Method, get_method
 from kvjax.eval import scoring
 from kvjax.eval.tasks import Example, format_prompt, get_task
 from kvjax.generate import SamplingConfig, compress_prefilled, decode_loop, precompile_prefilled
-from kvjax.state import nbytes, valid_nbytes
+from kvjax.state import global_layer_nbytes, nbytes, valid_nbytes
 
 PPL_TASK = "perplexity"
 # Perplexity settings: "once" = compress the context once, then score the continuation in one chunk while the cache
@@ -328,6 +330,7 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
     room = generation_room(prep, max_new_tokens)
     state, compress_s = compress_variant(lm, variant, full_state, obs, room, len(prep.tokens), precompile)
     bytes_prefill, valid_prefill = nbytes(state), valid_nbytes(state)
+    global_bytes = _global_bytes(model.cfg, state, full_state)
     method = None if variant.is_full else variant.method
     streaming = method if (method is not None and method.has_decode()) else None
     ctx = Context(cfg=model.cfg, decode_room=room, prompt_len=len(prep.tokens)) if streaming else None
@@ -358,7 +361,21 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
         compression_ratio=full_bytes / max(1, bytes_prefill), valid_ratio=full_valid / max(1, valid_prefill),
         prefill_s=prefill_s + compress_s,
         compress_s=compress_s, decode_s=t3 - t2, decode_tokens=n, decode_tok_s=n / max(t3 - t2, 1e-9),
+        **global_bytes,
     )
+
+
+def _global_bytes(cfg, state, full_state) -> dict:
+    """Allocated / valid bytes of the global-attention layers after prefill (+ compression) and of the full cache, for
+    models with sliding-window layers (Gemma 3), whose rings the methods leave alone; ``{}`` for the others (all their
+    layers are global, the whole-cache figures say it all) or when layers were merged."""
+    if not any(cfg.layer_window(i) for i in range(cfg.num_layers)):
+        return {}
+    got, full = global_layer_nbytes(state, cfg), global_layer_nbytes(full_state, cfg)
+    if got is None or full is None:
+        return {}
+    return dict(kv_bytes_prefill_global=got[0], kv_valid_bytes_prefill_global=got[1], kv_bytes_full_global=full[0],
+                kv_valid_bytes_full_global=full[1])
 
 
 def _stream_nll_impl(model, method, ctx, params, state, tokens, first_logits):
