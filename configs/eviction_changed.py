@@ -7,7 +7,8 @@ KIVI-2 (its paper's defaults) is the reference quantizer row: another way to an 
 token.
 
 python -m kvjax.launch --config=configs/eviction_changed.py
-Gemma 3 270M, same cells (run dir ``runs/eviction_changed-gemma3-270m``): ``--config=configs/eviction_changed.py:gemma3-270m``.
+Gemma 3 270M, same cells (run dir ``runs/eviction_changed-gemma3-270m``):
+``--config=configs/eviction_changed.py:gemma3-270m``.
 On Gemma 3 the methods act on its 3 global layers; its 15 sliding-window layers keep their 512-slot rings.
 """
 import importlib.util

@@ -18,7 +18,8 @@ Cells as in ``configs/eviction.py``: 8 single-needle prompts (4 depths x 2 seeds
 in both settings (once / stream), allocated and valid bytes.
 
 python -m kvjax.launch --config=configs/eviction_shared.py
-Gemma 3 270M, same cells (run dir ``runs/eviction-shared-gemma3-270m``): ``--config=configs/eviction_shared.py:gemma3-270m``.
+Gemma 3 270M, same cells (run dir ``runs/eviction-shared-gemma3-270m``):
+``--config=configs/eviction_shared.py:gemma3-270m``.
 On Gemma 3 the methods act on its 3 global layers; its 15 sliding-window layers keep their 512-slot rings (the
 rows then also report the bytes of the global layers alone).
 """

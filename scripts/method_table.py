@@ -48,7 +48,7 @@ def ppl_cell(rs: list[dict]) -> str:
 
 
 def bytes_cells(rs: list[dict], suffix: str = "") -> tuple[str, str]:
-    """``("allocated MiB (ratio)", "valid MiB (ratio)")``; ``suffix="_global"``: of the global-attention layers alone."""
+    """``("allocated MiB (ratio)", "valid MiB (ratio)")``; ``suffix="_global"``: the global-attention layers'."""
     alloc = np.mean([r[f"kv_bytes_prefill{suffix}"] for r in rs])
     full = np.mean([r[f"kv_bytes_full{suffix}"] for r in rs])
     valid = np.mean([r[f"kv_valid_bytes_prefill{suffix}"] for r in rs])

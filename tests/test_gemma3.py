@@ -184,7 +184,8 @@ def test_global_layer_nbytes_counts_the_global_layers_alone(gemma_base):
     for i in glob:  # `kept` valid slots in each global layer
         layers[i] = layers[i].replace(pos=layers[i].pos.at[..., :kept].set(jnp.arange(kept)))
     state = state.replace(layers=tuple(layers))
-    assert global_layer_nbytes(state, cfg) == (len(glob) * (cap * per_slot + fill), len(glob) * (kept * per_slot + fill))
+    want = (len(glob) * (cap * per_slot + fill), len(glob) * (kept * per_slot + fill))
+    assert global_layer_nbytes(state, cfg) == want
     assert global_layer_nbytes(state, cfg)[1] < valid_nbytes(state)
     assert _global_bytes(cfg, state, state)["kv_valid_bytes_prefill_global"] == len(glob) * (kept * per_slot + fill)
     assert global_layer_nbytes(state.replace(layers=state.layers[:-1]), cfg) is None  # merged layers: not reported
