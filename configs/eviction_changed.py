@@ -14,11 +14,14 @@ On Gemma 3 the methods act on its 3 global layers; its 15 sliding-window layers 
 import importlib.util
 import pathlib
 
+import ml_collections
+
 _spec = importlib.util.spec_from_file_location("eviction", pathlib.Path(__file__).with_name("eviction.py"))
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 
 KEEP = ("full", "streaming_llm", "snapkv", "pyramidkv", "adakv", "h2o", "scissorhands", "keyformer")
+ORDER = KEEP[:6] + ("kivi",) + KEEP[6:]
 
 
 def get_config(model: str = ""):
@@ -28,12 +31,11 @@ def get_config(model: str = ""):
     c.run_dir = f"runs/eviction_changed-{model}" if model else "runs/eviction_changed"
     if model:
         c.model.name = model
-    for name in list(c.methods.keys()):
-        if name not in KEEP:
-            del c.methods[name]
-    c.methods.streaming_llm.window = (124,)
+    methods = c.methods.to_dict()
+    methods["streaming_llm"]["window"] = (124,)
     for name in KEEP[2:]:
-        c.methods[name].budget = (128,)
-    c.methods.kivi = {"bits": (2,)}
+        methods[name]["budget"] = (128,)
+    methods["kivi"] = {"bits": (2,)}
+    c.methods = ml_collections.ConfigDict({name: methods[name] for name in ORDER})  # the run's order
     c.perplexity.mode = ("once",)
     return c
