@@ -345,7 +345,8 @@ def test_valid_nbytes_of_ragged_layer_excludes_decode_room():
 
 
 @pytest.mark.parametrize("name,run_dir", [("eviction_shared", "runs/eviction-shared"),
-                                          ("eviction_changed", "runs/eviction_changed")])
+                                          ("eviction_changed", "runs/eviction_changed"),
+                                          ("eviction_window8", "runs/eviction-window8")])
 def test_eviction_configs_take_the_model_as_argument(name, run_dir):
     """``--config=configs/<name>.py:gemma3-270m``: the same cells as SmolLM2's table, another model and run dir."""
     import importlib.util  # noqa: PLC0415
