@@ -6,14 +6,11 @@ Run once per model:
 """
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/baselines"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.prompt_style = "plain"
-    c.max_new_tokens = 10
-    c.precompile = False  # speed is not the point here: timings include compilation
+    c = configs.experiment("runs/baselines", precompile=False)  # speed is not the point: timings include compiling
     c.methods = ml_collections.ConfigDict({"full": {}})
     lengths = (2048, 4096, 8192)
     c.tasks = ml_collections.ConfigDict({

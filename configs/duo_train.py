@@ -9,11 +9,11 @@ and the streaming window scaled with the context (16 sinks + 64 recent tokens in
 """
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/duo"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
+    c = configs.training("runs/duo")
     c.train = ml_collections.ConfigDict({
         "kind": "duo_attention",
         "steps": 12,

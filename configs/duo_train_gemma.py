@@ -10,14 +10,11 @@ local window, so that for needles in the first third only the global layers can 
 every layer of Gemma would see the whole example and the gates would not learn what the global layers carry).
 12 steps of one example, as for SmolLM2 (the authors: 2,000 steps of 1K-32K tokens).
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("duo_train", pathlib.Path(__file__).with_name("duo_train.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from kvjax import configs
+
+_base = configs.sibling_module(__file__, "duo_train")
 
 
 def get_config() -> ml_collections.ConfigDict:

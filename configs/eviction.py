@@ -15,6 +15,8 @@ Gemma 3 270M instead of SmolLM2 (retrieves better): --config.model.name=gemma3-2
 """
 import ml_collections
 
+from kvjax import configs
+
 BUDGETS = (128, 256)
 NEEDLES = {"context_tokens": (1024,), "depths": (0.2, 0.4, 0.6, 0.8), "seeds": (0, 1),
            "kwargs": {"filler": "shakespeare"}}
@@ -34,12 +36,7 @@ def methods(budgets) -> dict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/eviction"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True  # compile every program before its timed call, so no timing includes compilation
-    c.prompt_style = "plain"
-    c.max_new_tokens = 10
+    c = configs.experiment("runs/eviction")
     c.methods = ml_collections.ConfigDict(methods(BUDGETS))
     c.tasks = ml_collections.ConfigDict({"niah_single": dict(NEEDLES)})
     c.perplexity = ml_collections.ConfigDict(dict(PERPLEXITY))

@@ -11,14 +11,11 @@ Gemma 3 270M, same cells (run dir ``runs/eviction_changed-gemma3-270m``):
 ``--config=configs/eviction_changed.py:gemma3-270m``.
 On Gemma 3 the methods act on its 3 global layers; its 15 sliding-window layers keep their 512-slot rings.
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("eviction", pathlib.Path(__file__).with_name("eviction.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from kvjax import configs
+
+_base = configs.sibling_module(__file__, "eviction")
 
 KEEP = ("full", "streaming_llm", "snapkv", "pyramidkv", "adakv", "h2o", "scissorhands", "keyformer")
 ORDER = KEEP[:6] + ("kivi",) + KEEP[6:]

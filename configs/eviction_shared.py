@@ -25,6 +25,8 @@ rows then also report the bytes of the global layers alone).
 """
 import ml_collections
 
+from kvjax import configs
+
 NEEDLES = {"context_tokens": (1024,), "depths": (0.2, 0.4, 0.6, 0.8), "seeds": (0, 1),
            "kwargs": {"filler": "shakespeare"}}  # as configs/eviction.py
 PERPLEXITY = {"enabled": True, "corpus": "shakespeare", "context_tokens": 768, "eval_tokens": 256, "n_segments": 2,
@@ -38,12 +40,8 @@ SNAP = {**SHARED, "gqa_reduce": "mean", "gqa_order": "pool_then_reduce"}
 def get_config(model: str = "") -> ml_collections.ConfigDict:
     """``model`` (``--config=configs/eviction_shared.py:<model>``): another model than SmolLM2-135M, same cells, run
     directory suffixed with its name."""
-    c = ml_collections.ConfigDict()
-    c.run_dir = f"runs/eviction-shared-{model}" if model else "runs/eviction-shared"
-    c.model = ml_collections.ConfigDict({"name": model or "smollm2-135m", "dtype": "float32"})
-    c.precompile = True
-    c.prompt_style = "plain"
-    c.max_new_tokens = 10
+    c = configs.experiment(f"runs/eviction-shared-{model}" if model else "runs/eviction-shared",
+                           model=model or "smollm2-135m")
     c.methods = ml_collections.ConfigDict({
         "full": {},
         "snapkv": {"budget": (BUDGET,), **SNAP},

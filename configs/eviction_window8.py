@@ -6,15 +6,11 @@ once), budget 128.
 python -m kvjax.launch --config=configs/eviction_window8.py             (SmolLM2-135M)
 python -m kvjax.launch --config=configs/eviction_window8.py:gemma3-270m
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
-_path = pathlib.Path(__file__).with_name("eviction_shared.py")
-_spec = importlib.util.spec_from_file_location("eviction_shared", _path)
-_shared = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_shared)
+from kvjax import configs
+
+_shared = configs.sibling_module(__file__, "eviction_shared")
 
 
 def get_config(model: str = "") -> ml_collections.ConfigDict:

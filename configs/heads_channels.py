@@ -25,6 +25,8 @@ global layers only; see the README).
 """
 import ml_collections
 
+from kvjax import configs
+
 NEEDLES = {"context_tokens": (1024,), "depths": (0.2, 0.4, 0.6, 0.8), "seeds": (0, 1),
            "kwargs": {"filler": "shakespeare"}}
 PERPLEXITY = {"enabled": True, "corpus": "shakespeare", "context_tokens": 768, "eval_tokens": 256, "n_segments": 2,
@@ -39,12 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     the same: a later run of the whole config in the same run directory reuses them)."""
     if arg not in ("", "new"):
         raise ValueError(f"configs/heads_channels.py:{arg}: choose '' (every variant) or 'new'")
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/heads_channels"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True
-    c.prompt_style = "plain"
-    c.max_new_tokens = 10
+    c = configs.experiment("runs/heads_channels")
     # The new variants of this run first (a run cut short keeps them), then the re-measured ones.
     c.methods = ml_collections.ConfigDict({
         "full": {},

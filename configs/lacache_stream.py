@@ -12,16 +12,13 @@ python -m kvjax.launch --config=configs/lacache_stream.py
 """
 import ml_collections
 
+from kvjax import configs
+
 CACHE = 256
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/lacache_stream"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True
-    c.prompt_style = "plain"
-    c.max_new_tokens = 10
+    c = configs.experiment("runs/lacache_stream")
     c.methods = ml_collections.ConfigDict({
         "full": {},
         "streaming_llm": {"name": "streaming_llm", "n_sink": 4, "window": CACHE - 4},

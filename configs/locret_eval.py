@@ -9,14 +9,11 @@ continuation scored while the cache grows (``once``, as the other tables since i
 """
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/locret_eval"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True
-    c.prompt_style = "plain"
-    c.max_new_tokens = 8
+    c = configs.experiment("runs/locret_eval", max_new_tokens=8)
     c.methods = ml_collections.ConfigDict({
         "full": {},
         "snapkv": {"budget": (64,)},

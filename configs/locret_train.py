@@ -10,11 +10,11 @@ compute as the backbone's forward at 1024). ``--config.model.name=tiny-random --
 """
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/locret"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
+    c = configs.training("runs/locret")
     c.train = ml_collections.ConfigDict({
         "kind": "locret",
         "steps": 40,

@@ -11,14 +11,11 @@ their initialisation and are never used. Sequences are 768 tokens, longer than t
 queries' attention in the global layers covers tokens the local layers no longer see (Wikipedia windows start with
 BOS, as Gemma expects).
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("locret_train", pathlib.Path(__file__).with_name("locret_train.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from kvjax import configs
+
+_base = configs.sibling_module(__file__, "locret_train")
 
 
 def get_config() -> ml_collections.ConfigDict:

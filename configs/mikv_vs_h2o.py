@@ -14,16 +14,13 @@ nice -n 10 python -m kvjax.launch --config=configs/mikv_vs_h2o.py
 """
 import ml_collections
 
+from kvjax import configs
+
 BUDGETS = (64, 128)
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/mikv_vs_h2o"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True
-    c.prompt_style = "plain"
-    c.max_new_tokens = 10
+    c = configs.experiment("runs/mikv_vs_h2o")
     methods = {"full": {}}
     for b in BUDGETS:
         methods[f"h2o_{b}"] = {"name": "h2o", "budget": b}

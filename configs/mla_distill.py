@@ -12,11 +12,11 @@ the shared machine), peak lr 1e-3 (twenty steps at 8e-5 would barely move the we
 """
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/mla"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
+    c = configs.training("runs/mla")
     c.train = ml_collections.ConfigDict({
         "kind": "mla",
         "steps": 20,

@@ -14,16 +14,13 @@ python -m kvjax.launch --config=configs/perplexity_settings.py
 """
 import ml_collections
 
+from kvjax import configs
+
 BUDGET = 128
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/perplexity-settings"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True
-    c.prompt_style = "plain"
-    c.max_new_tokens = 10
+    c = configs.experiment("runs/perplexity-settings")
     c.methods = ml_collections.ConfigDict({
         "full": {},
         "streaming_llm": {"n_sink": 4, "window": (BUDGET - 4,)},

@@ -8,14 +8,11 @@ python -m kvjax.launch --config=configs/quantization.py
 """
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/quantization"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True  # compile every program before its timed call, so no timing includes compilation
-    c.prompt_style = "plain"
-    c.max_new_tokens = 10
+    c = configs.experiment("runs/quantization")
     c.methods = ml_collections.ConfigDict({
         "full": {},
         "int8": {},

@@ -6,12 +6,9 @@ KIVI only at 2 bits.
 
 python -m kvjax.launch --config=configs/quantization_changed.py
 """
-import importlib.util
-import pathlib
+from kvjax import configs
 
-_spec = importlib.util.spec_from_file_location("quantization", pathlib.Path(__file__).with_name("quantization.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+_base = configs.sibling_module(__file__, "quantization")
 
 
 def get_config():

@@ -21,17 +21,14 @@ Run: ``python -m kvjax.launch --config=configs/quickstart.py``
 """
 import ml_collections
 
+from kvjax import configs
+
 BUDGET = 128
 EVICTION = ("snapkv", "pyramidkv", "adakv", "kvcrush", "h2o")
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/quickstart"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True  # compile every program before its timed call, so no timing includes compilation
-    c.prompt_style = "auto"
-    c.max_new_tokens = 10
+    c = configs.experiment("runs/quickstart", prompt_style="auto")
     # Method name -> hyper-parameters; a tuple is a sweep. Unlisted hyper-parameters take the paper's defaults.
     methods = {"full": {}, "streaming_llm": {"n_sink": 4, "window": (BUDGET - 4,)}}
     methods.update({m: {"budget": (BUDGET,)} for m in EVICTION})

@@ -5,14 +5,11 @@ python -m kvjax.launch --config=configs/streaming.py
 """
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/streaming"
-    c.model = ml_collections.ConfigDict({"name": "smollm2-135m", "dtype": "float32"})
-    c.precompile = True  # compile every program before its timed call, so no timing includes compilation
-    c.prompt_style = "plain"
-    c.max_new_tokens = 8
+    c = configs.experiment("runs/streaming", max_new_tokens=8)
     c.methods = ml_collections.ConfigDict({
         "full": {},
         "streaming_llm": {"n_sink": 4, "window": (124,)},

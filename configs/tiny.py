@@ -1,14 +1,11 @@
 """A seconds-long smoke run on a tiny random model (tests use it; handy to check an install)."""
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/tiny"
-    c.model = ml_collections.ConfigDict({"name": "tiny-random", "dtype": "float32"})
-    c.precompile = True  # compile every program before its timed call, so no timing includes compilation
-    c.prompt_style = "plain"
-    c.max_new_tokens = 4
+    c = configs.experiment("runs/tiny", model="tiny-random", max_new_tokens=4)
     c.methods = ml_collections.ConfigDict({
         "full": {},
         "snapkv": {"budget": (48,), "window": 8},

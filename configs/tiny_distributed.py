@@ -1,15 +1,12 @@
 """The smallest experiment that divides among processes (2 prompts = 2 units): the 2-process test runs it."""
 import ml_collections
 
+from kvjax import configs
+
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.run_dir = "runs/tiny-distributed"
-    c.model = ml_collections.ConfigDict({"name": "tiny-random", "dtype": "float32"})
+    c = configs.experiment("runs/tiny-distributed", model="tiny-random", precompile=False, max_new_tokens=2)
     c.mesh = ""  # e.g. "model:2" to shard each process's work over its local devices
-    c.precompile = False
-    c.prompt_style = "plain"
-    c.max_new_tokens = 2
     c.methods = ml_collections.ConfigDict({"full": {}, "streaming_llm": {"n_sink": 4, "window": 28}})
     c.tasks = ml_collections.ConfigDict({
         "passkey": {"context_tokens": (64,), "depths": (0.5,), "seeds": (0, 1), "kwargs": {"filler": "repeat"}},

@@ -58,6 +58,13 @@ def main(argv) -> int:
         with config.unlocked():
             config.mesh = _MESH.value
     if _DRY_RUN.value and "train" in config:
+        from kvjax.train.run import check_training
+
+        try:
+            check_training(config)
+        except (ValueError, KeyError) as e:
+            print(f"kvjax.launch: error: {e}", file=sys.stderr)
+            return 2
         t = config.train
         print(f"training {t.kind} on {config.model.name}: {t.steps} steps of {t.data.batch_size} x "
               f"{t.data.seq_len} tokens from {', '.join(t.data.sources)} -> {config.run_dir}/ckpt")

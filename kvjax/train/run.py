@@ -85,6 +85,18 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+def check_training(config) -> tuple:
+    """Checks a training config without loading the model; returns ``(trainer, data config, optax optimizer)``.
+    Raises ValueError (one line naming the field) for bad steps, kind, method, data or optimiser settings."""
+    c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    tc = dict(c["train"])
+    steps = int(tc["steps"])
+    if steps <= 0:
+        raise ValueError(f"train.steps must be > 0, got {steps}")
+    trainer = get_trainer(tc["kind"], dict(tc.get("method", {})))
+    return trainer, DataConfig.from_dict(tc.get("data", {})), make_optimizer(dict(tc.get("optim", {})), steps)
+
+
 def run_training(config, progress: bool = True, lm=None) -> dict:
     """Runs (or resumes) the training described by ``config`` (an ml_collections config or dict); returns a summary
     dict (also written to ``<run_dir>/summary.json``). ``lm``: an already loaded model (tests, notebooks)."""
@@ -94,12 +106,7 @@ def run_training(config, progress: bool = True, lm=None) -> dict:
     tc = dict(c["train"])
     run_dir = c["run_dir"]
     steps = int(tc["steps"])
-    if steps <= 0:
-        raise ValueError(f"train.steps must be > 0, got {steps}")
-    trainer = get_trainer(tc["kind"], dict(tc.get("method", {})))
-    data_cfg = DataConfig.from_dict(tc.get("data", {}))
-    optim_cfg = dict(tc.get("optim", {}))
-    optimizer = make_optimizer(optim_cfg, steps)
+    trainer, data_cfg, optimizer = check_training(c)
     if lm is None:
         from kvjax.pretrained import load_pretrained  # noqa: PLC0415
 
