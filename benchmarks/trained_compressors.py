@@ -34,6 +34,7 @@ import numpy as np
 
 from kvjax.compress import Context, get_method
 from kvjax.eval import harness, scoring
+from kvjax.eval.rundir import atomic_write_text
 from kvjax.eval.tasks import sweep
 from kvjax.generate import SamplingConfig, decode_loop, prefill_chunked, prefill_compressed
 from kvjax.state import kv_nbytes, nbytes
@@ -199,11 +200,11 @@ def main() -> None:
         rows.append(summarize(label, cells, ppl, {f"acc_{k}": v for k, v in by_task.items()}))
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
         os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, f"{name}.partial.json"), "w") as f:  # survives an interrupted run
-            json.dump({"args": vars(a), "rows": rows}, f, indent=1, default=float)
+        atomic_write_text(os.path.join(a.out, f"{name}.partial.json"),  # survives an interrupted run
+                          json.dumps({"args": vars(a), "rows": rows}, indent=1, default=float))
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
-        json.dump({"args": vars(a), "prompt_tokens": t, "results": results}, f, indent=1, default=float)
+    atomic_write_text(os.path.join(a.out, f"{name}.json"),
+                      json.dumps({"args": vars(a), "prompt_tokens": t, "results": results}, indent=1, default=float))
     extra = [("global-layer KV after prefill", "global_kv")] if hybrid else []
     if a.kind == "locret":
         cols = [("method", "method"), (f"needle acc ({len(preps)} prompts)", "acc"), ("answer log-p", "logp"),
@@ -215,8 +216,8 @@ def main() -> None:
             ("answer log-p", "logp"), (f"perplexity ({a.ppl_tokens} tok after {a.ppl_context})", "ppl"),
             ("KV after prefill", "kv")] + extra + [("decode tok/s", "tok_s")]
     md = table(rows, cols)
-    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-        f.write(md + "\n")
+    atomic_write_text(os.path.join(a.out, f"{name}.md"), md + "\n")
+    os.remove(os.path.join(a.out, f"{name}.partial.json"))  # the complete results replace it
     print(md)
 
 

@@ -4,7 +4,7 @@ Writes runs/locret-gemma3/{metrics.jsonl, loss_curve.png, summary.json, ckpt/}; 
 gemma3-270m``).
 
 The recipe of ``configs/locret_train.py`` (the authors' AdamW (0.9, 0.95), lr 5e-4, linear warmup/decay,
-per-element clipping at 0.5, Smooth-L1 + 0.0025 x smoothness; head width 256; 40 steps of one sequence) on Gemma 3
+per-element clipping at 0.5, Smooth-L1 + 0.0025 x smoothness; head width 256; 300 steps of one sequence) on Gemma 3
 270M. Only the 3 global layers (5, 11, 17) get targets and gradients: Locret leaves the 15 sliding-window layers (512
 tokens) alone at inference, so their heads (present in the artefact, one per layer like every kvjax head set) stay at
 their initialisation and are never used. Sequences are 768 tokens, longer than the local window, so that the later

@@ -162,6 +162,32 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (ConfigError, flags.Error) as e:
         print(f"kvjax.launch: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except (AttributeError, KeyError, TypeError) as e:  # ml_collections: an override names a missing field
+        print(f"kvjax.launch: error: {unknown_override_line(path, argv, e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def unknown_override_line(path: str | None, argv: list[str], e: BaseException) -> str:
+    """One line naming the ``--config.a.b=v`` override whose field does not exist and the fields that do there."""
+    from kvjax import configs
+
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    try:
+        file, _, arg = (path or "configs/quickstart.py").partition(":")
+        module = configs.sibling_module(file, os.path.basename(file)[:-3])
+        node = (module.get_config(arg) if arg else module.get_config()).to_dict()
+        for dotted in overrides:
+            cur, walked = node, []
+            for key in dotted.split("."):
+                if not isinstance(cur, dict) or key not in cur:
+                    where = ".".join(walked) or "the config"
+                    have = ", ".join(sorted(cur)) if isinstance(cur, dict) else f"a {type(cur).__name__} value"
+                    return (f"--config.{dotted}: {where} has no field {key!r} in {file} (it has: {have or 'none'}); "
+                            "an override can only set a field the config file defines")
+                cur, walked = cur[key], walked + [key]
+    except Exception:  # noqa: BLE001 (the generic line below still names the field)
+        pass
+    return f"a --config override names a field the config does not have: {e}"
 
 
 def run() -> None:

@@ -62,6 +62,22 @@ def test_bad_config_files(tmp_path, capsys, content, message):
     assert str(path) in one_line(capsys)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.methods.snapkv.nosuch=3", "methods.snapkv has no field 'nosuch' in {cfg} (it has: budget, window)"),
+    ("--config.perplexity.bogus.x=1", "perplexity has no field 'bogus'"),
+    ("--config.run_dir.x=3", "run_dir has no field 'x' in {cfg} (it has: a str value)"),
+])
+def test_override_of_a_missing_field_is_one_line(override, message):
+    """Regression: ml_collections raised AttributeError / TypeError with a traceback for a misspelt override (through
+    the real command line: absl registers the override flags while it parses ``--config``)."""
+    cfg = f"{ROOT}/configs/tiny.py"
+    r = subprocess.run([sys.executable, "-m", "kvjax.launch", "--dry_run", f"--config={cfg}", override],
+                       capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("kvjax.launch")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message.format(cfg=cfg) in lines[0] and override.split("=")[0] in lines[0]
+
+
 def test_cli_end_to_end_exit_code_and_one_line(tmp_path):
     """Through the real command line (two cases; the others go through the same functions in-process)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
