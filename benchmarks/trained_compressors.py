@@ -123,9 +123,15 @@ def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     return "\n".join(out)
 
 
+def accuracy(cells) -> str:
+    """``k/n [lo, hi]`` with the 95% Wilson interval."""
+    k, n = int(sum(c["score"] for c in cells)), len(cells)
+    lo, hi = scoring.wilson_interval(k, n)
+    return f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
+
+
 def summarize(label, cells, ppl, extra=None) -> dict:
-    acc = [c["score"] for c in cells]
-    r = dict(method=label, acc=f"{int(sum(acc))}/{len(acc)}",
+    r = dict(method=label, acc=accuracy(cells),
              logp=f"{np.mean([c['answer_logprob'] for c in cells]):.2f}", ppl=f"{ppl:.2f}",
              peak=f"{np.max([c['peak_prefill_bytes'] for c in cells]) / 2**20:.2f} MiB",
              peak_global=f"{np.max([c['peak_global_bytes'] for c in cells]) / 2**20:.2f} MiB",
@@ -134,6 +140,41 @@ def summarize(label, cells, ppl, extra=None) -> dict:
              tok_s=f"{np.median([c['decode_tok_s'] for c in cells]):.1f}")
     r.update(extra or {})
     return r
+
+
+def display_order(label: str) -> tuple:
+    """Table order: the full cache, the untrained baselines, then the trained method by setting (runs go in another
+    order, the most informative cell first, so that an interrupted run keeps it)."""
+    trained = label.startswith(("Locret", "DuoAttention"))
+    return (label != "full", trained, label)
+
+
+def rows_from(results: dict) -> list[dict]:
+    rows = []
+    for label in sorted(results, key=display_order):
+        cells = results[label]["cells"]
+        by_task = {t: accuracy([c for c in cells if c["task"] == t]) for t in dict.fromkeys(c["task"] for c in cells)}
+        rows.append(summarize(label, cells, results[label]["perplexity"], {f"acc_{k}": v for k, v in by_task.items()}))
+    return rows
+
+
+def write_tables(out: str, name: str, kind: str, results: dict, hybrid: bool, args: dict) -> str:
+    """``<out>/<name>.md`` from the per-cell results (also what ``--render`` rebuilds from ``<name>.json``)."""
+    rows = rows_from(results)
+    n = len(next(iter(results.values()))["cells"])
+    tasks = list(dict.fromkeys(c["task"] for c in next(iter(results.values()))["cells"]))
+    extra = [("global-layer KV after prefill", "global_kv")] if hybrid else []
+    ppl = f"perplexity ({args['ppl_tokens']} tok after {args['ppl_context']})"
+    if kind == "locret":
+        cols = [("method", "method"), (f"needle acc ({n} prompts) [95% Wilson]", "acc"), ("answer log-p", "logp"),
+                (ppl, "ppl"), ("peak prefill KV", "peak"), ("KV after prefill", "kv")] \
+            + ([("peak prefill KV, global layers", "peak_global")] if hybrid else []) + extra
+    else:
+        cols = [("method", "method")] + [(f"{k} acc [95% Wilson]", f"acc_{k}") for k in tasks] + [
+            ("answer log-p", "logp"), (ppl, "ppl"), ("KV after prefill", "kv")] + extra + [("decode tok/s", "tok_s")]
+    md = table(rows, cols)
+    atomic_write_text(os.path.join(out, f"{name}.md"), md + "\n")
+    return md
 
 
 def main() -> None:
@@ -157,7 +198,16 @@ def main() -> None:
     ap.add_argument("--ppl_context", type=int, default=768)
     ap.add_argument("--ppl_tokens", type=int, default=256, help="0 = no perplexity cell")
     ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--render", default="", help="rebuild the .md table from a finished run's .json (no model run)")
     a = ap.parse_args()
+    if a.render:
+        with open(a.render) as f:
+            saved = json.load(f)
+        name = os.path.basename(a.render)[:-len(".json")]
+        hybrid = saved.get("hybrid", saved["args"].get("model", "smollm2-135m") == "gemma3-270m")
+        print(write_tables(os.path.dirname(a.render) or ".", name, saved["args"]["kind"], saved["results"], hybrid,
+                           saved["args"]))
+        return
     from kvjax.pretrained import load_pretrained  # noqa: PLC0415
 
     lm = load_pretrained(a.model, progress=False)
@@ -187,36 +237,22 @@ def main() -> None:
                              get_method("duo_attention", gates=gates, sparsity=s, n_sink=a.n_sink,
                                         recent=a.recent), None))
         variants = variants[2:3] + variants[:2] + variants[3:]  # the middle sparsity first, then the baselines
-    results, rows = {}, []
+    results = {}
     for label, method, chunk in variants:
         t0 = time.perf_counter()
         cells = [gen_cell(lm, method, p, a.max_new, chunk) for p in preps]
         ppl = ppl_cell(lm, method, a.ppl_context, a.ppl_tokens, chunk) if a.ppl_tokens else float("nan")
         results[label] = dict(cells=cells, perplexity=ppl)
-        by_task = {}
-        for task, _ in tasks:
-            cs = [c for c in cells if c["task"] == task]
-            by_task[task] = f"{int(sum(c['score'] for c in cs))}/{len(cs)}"
-        rows.append(summarize(label, cells, ppl, {f"acc_{k}": v for k, v in by_task.items()}))
-        print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        rows = rows_from(results)
+        print(next(r for r in rows if r["method"] == label), f"({time.perf_counter() - t0:.0f} s)", flush=True)
         os.makedirs(a.out, exist_ok=True)
         atomic_write_text(os.path.join(a.out, f"{name}.partial.json"),  # survives an interrupted run
                           json.dumps({"args": vars(a), "rows": rows}, indent=1, default=float))
     os.makedirs(a.out, exist_ok=True)
     atomic_write_text(os.path.join(a.out, f"{name}.json"),
-                      json.dumps({"args": vars(a), "prompt_tokens": t, "results": results}, indent=1, default=float))
-    extra = [("global-layer KV after prefill", "global_kv")] if hybrid else []
-    if a.kind == "locret":
-        cols = [("method", "method"), (f"needle acc ({len(preps)} prompts)", "acc"), ("answer log-p", "logp"),
-                (f"perplexity ({a.ppl_tokens} tok after {a.ppl_context})", "ppl"), ("peak prefill KV", "peak"),
-                ("KV after prefill", "kv")] + ([("peak prefill KV, global layers", "peak_global")] if hybrid else []) \
-            + extra
-    else:
-        cols = [("method", "method")] + [(f"{k} acc", f"acc_{k}") for k, _ in tasks] + [
-            ("answer log-p", "logp"), (f"perplexity ({a.ppl_tokens} tok after {a.ppl_context})", "ppl"),
-            ("KV after prefill", "kv")] + extra + [("decode tok/s", "tok_s")]
-    md = table(rows, cols)
-    atomic_write_text(os.path.join(a.out, f"{name}.md"), md + "\n")
+                      json.dumps({"args": vars(a), "prompt_tokens": t, "hybrid": hybrid, "results": results}, indent=1,
+                                 default=float))
+    md = write_tables(a.out, name, a.kind, results, hybrid, vars(a))
     os.remove(os.path.join(a.out, f"{name}.partial.json"))  # the complete results replace it
     print(md)
 
