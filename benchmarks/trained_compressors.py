@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.compress import Context, get_method
+from kvjax.compress.duo_attention import DuoGates
 from kvjax.eval import harness, scoring
 from kvjax.eval.rundir import atomic_write_text
 from kvjax.eval.tasks import sweep
@@ -198,6 +199,10 @@ def main() -> None:
     ap.add_argument("--ppl_context", type=int, default=768)
     ap.add_argument("--ppl_tokens", type=int, default=256, help="0 = no perplexity cell")
     ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--reversed_control", action="store_true", help="duo: also each sparsity with the gates "
+                    "reversed (the highest gates made streaming): does the learned ranking matter?")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of <out>/<name>.partial.json or .json "
+                    "written with the same arguments and run only the missing ones")
     ap.add_argument("--render", default="", help="rebuild the .md table from a finished run's .json (no model run)")
     a = ap.parse_args()
     if a.render:
@@ -237,8 +242,28 @@ def main() -> None:
                              get_method("duo_attention", gates=gates, sparsity=s, n_sink=a.n_sink,
                                         recent=a.recent), None))
         variants = variants[2:3] + variants[:2] + variants[3:]  # the middle sparsity first, then the baselines
+        if a.reversed_control:  # the same numbers of streaming heads, chosen from the highest gates instead
+            flipped = DuoGates(1.0 - gates.values, {**gates.info, "path": f"1 - {gates.info.get('path', 'gates')}"})
+            variants += [(f"DuoAttention sparsity {s:.2g}, gates reversed",
+                          get_method("duo_attention", gates=flipped, sparsity=s, n_sink=a.n_sink, recent=a.recent),
+                          None) for s in sorted(float(x) for x in a.sparsities.split(","))]
+    partial = os.path.join(a.out, f"{name}.partial.json")
     results = {}
+    if a.resume:  # cells of an interrupted or earlier run with the same arguments are kept, not re-run
+        for path in (partial, os.path.join(a.out, f"{name}.json")):
+            if os.path.exists(path):
+                with open(path) as f:
+                    saved = json.load(f)
+                same = {k: v for k, v in saved["args"].items() if k not in ("resume", "reversed_control", "render")}
+                if same != {k: v for k, v in vars(a).items() if k in same}:
+                    raise SystemExit(f"--resume: {path} was written with other arguments ({same}); remove it or "
+                                     "drop --resume")
+                results = {k: v for k, v in saved.get("results", {}).items() if k in {v_[0] for v_ in variants}}
+                print(f"resuming: {len(results)} rows from {path}", flush=True)
+                break
     for label, method, chunk in variants:
+        if label in results:
+            continue
         t0 = time.perf_counter()
         cells = [gen_cell(lm, method, p, a.max_new, chunk) for p in preps]
         ppl = ppl_cell(lm, method, a.ppl_context, a.ppl_tokens, chunk) if a.ppl_tokens else float("nan")
@@ -246,14 +271,15 @@ def main() -> None:
         rows = rows_from(results)
         print(next(r for r in rows if r["method"] == label), f"({time.perf_counter() - t0:.0f} s)", flush=True)
         os.makedirs(a.out, exist_ok=True)
-        atomic_write_text(os.path.join(a.out, f"{name}.partial.json"),  # survives an interrupted run
-                          json.dumps({"args": vars(a), "rows": rows}, indent=1, default=float))
+        atomic_write_text(partial, json.dumps({"args": vars(a), "rows": rows, "results": results}, indent=1,
+                                              default=float))  # survives an interrupted run (--resume)
     os.makedirs(a.out, exist_ok=True)
     atomic_write_text(os.path.join(a.out, f"{name}.json"),
                       json.dumps({"args": vars(a), "prompt_tokens": t, "hybrid": hybrid, "results": results}, indent=1,
                                  default=float))
     md = write_tables(a.out, name, a.kind, results, hybrid, vars(a))
-    os.remove(os.path.join(a.out, f"{name}.partial.json"))  # the complete results replace it
+    if os.path.exists(partial):
+        os.remove(partial)  # the complete results replace it
     print(md)
 
 
