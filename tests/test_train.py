@@ -121,6 +121,33 @@ def tokenizer():
     return load_pretrained("tiny-random", progress=False).tokenizer
 
 
+def test_task_examples_never_reuse_evaluation_seeds(tokenizer, monkeypatch):
+    """Regression: training took task seeds 0, 1, ... , the seeds every evaluation uses, so the benchmark's needles
+    and pass keys had been seen in training. Train, held-out and evaluation seeds are now disjoint."""
+    from kvjax.train import data as data_mod
+
+    seen = []
+    real = data_mod.Batches._task
+    monkeypatch.setattr(data_mod.Batches, "_task", lambda self, name, seed, rng: seen.append(seed) or real(
+        self, name, seed, rng))
+    cfg = DataConfig(sources=("task:passkey",), seq_len=96, batch_size=2, task_kwargs=(("filler", "repeat"),))
+    a = Batches(cfg, tokenizer)
+    for i in range(3):
+        a.train(i), a.heldout(i)
+    train, held = seen[0::4] + seen[1::4], seen[2::4] + seen[3::4]
+    assert min(train) >= data_mod.TRAIN_SEED_OFFSET and max(train) < data_mod.HELDOUT_SEED_OFFSET <= min(held)
+    n = len(seen)
+    Batches(DataConfig(sources=("task:passkey",), seq_len=96, seed=1, task_kwargs=(("filler", "repeat"),)),
+            tokenizer).train(0)
+    assert seen[n] == data_mod.TRAIN_SEED_OFFSET + 10_000_000  # another data seed, other examples
+    # The pass keys of the first training examples are not those of evaluation seeds 0..7.
+    from kvjax.eval.tasks import get_task
+
+    eval_keys = {get_task("passkey")(s, 64, 0.5, tokenizer.count, filler="repeat").answers[0] for s in range(8)}
+    train_keys = {get_task("passkey")(s, 64, 0.5, tokenizer.count, filler="repeat").answers[0] for s in train}
+    assert not eval_keys & train_keys
+
+
 def test_batches_deterministic_with_disjoint_heldout(tokenizer):
     cfg = DataConfig(sources=("text:hamlet", "task:passkey"), seq_len=96, batch_size=3, query_tokens=12,
                      max_chars=60_000, task_kwargs=(("filler", "repeat"),))

@@ -17,7 +17,9 @@ Sources (``data.sources``, mixed per example with ``data.weights``):
   model expects one, Gemma 3). The last ``heldout_fraction`` of the tokens is the
   held-out split; train windows never overlap it.
 * ``"task:<name>"`` (``kvjax.eval.tasks``: ``passkey``, ``niah_single`` ...): examples of about ``seq_len`` tokens
-  at uniform random depths; train and held-out examples use disjoint generator seeds.
+  at uniform random depths. Train examples use generator seeds from ``TRAIN_SEED_OFFSET`` on and held-out ones from
+  ``HELDOUT_SEED_OFFSET`` on: disjoint from each other and from the small seeds (0, 1, ...) every evaluation in
+  kvjax uses (configs, benchmarks, notebooks), so no evaluated needle or pass key was seen in training.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import functools
 
 import numpy as np
 
+TRAIN_SEED_OFFSET = 500_000_003  # task generator seeds of training examples (+ 10M x data.seed + example index)
 HELDOUT_SEED_OFFSET = 1_000_000_007
 
 
@@ -140,7 +143,8 @@ class Batches:
         rng = np.random.default_rng([self.cfg.seed, seed, int(heldout)])
         if kind == "text":
             return self._text(name, rng, heldout)
-        return self._task(name, seed + (HELDOUT_SEED_OFFSET if heldout else 0), rng)
+        offset = HELDOUT_SEED_OFFSET if heldout else TRAIN_SEED_OFFSET + 10_000_000 * self.cfg.seed
+        return self._task(name, offset + seed, rng)
 
     def _batch(self, index: int, heldout: bool) -> dict:
         c = self.cfg
