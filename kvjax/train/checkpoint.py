@@ -118,6 +118,9 @@ def save_artifact(path: str, params: Any, info: dict) -> None:
     os.replace(tmp, path)
 
 
+_TRAIN_CONFIGS = {"duo_attention": "duo_train", "locret": "locret_train", "mla": "mla_distill"}  # kind -> configs/
+
+
 def load_artifact(path: str, kind: str) -> tuple[Any, dict]:
     """``(params, info)`` of an artefact written by :func:`save_artifact` for method ``kind``; clear errors for a
     missing, corrupt or wrong-kind artefact."""
@@ -125,7 +128,7 @@ def load_artifact(path: str, kind: str) -> tuple[Any, dict]:
     info_path = os.path.join(path, "info.json")
     if not os.path.isfile(info_path):
         raise FileNotFoundError(f"no trained {kind} artefact at {path} (expected {info_path}; train one with "
-                                f"python -m kvjax.launch --config=configs/{kind}_train.py)")
+                                f"python -m kvjax.launch --config=configs/{_TRAIN_CONFIGS.get(kind, kind + '_train')}.py)")
     try:
         with open(info_path) as f:
             info = json.load(f)
