@@ -18,6 +18,14 @@ On a model with sliding-window layers (Gemma 3) the methods act on the global la
 their ring buffers): the tables then add the KV bytes of the global layers alone. Perplexity segments start with BOS
 for a model that expects one.
 
+Counting: "KV after prefill" is ``kv_nbytes`` of the real state (keys, values, their scales; Locret's cached scores,
+one f32 per slot and head, are in ``nbytes`` but not in ``kv_nbytes``). "Peak prefill KV" is ``nbytes`` of the state
+the prompt is written into: the whole prompt (plus the decode room for the full cache) for the one-shot methods, the
+largest state after a chunk's write for Locret (scores included, ~1/(2 x head_dim) more); the transient attention
+observations SnapKV and H2O score from are not counted. Perplexity is teacher-forced token by token for every row,
+each method's decode phase running as in generation (methods without one grow their cache); decode tok/s is the
+marginal cost of a token (see ``decode_speed``) on this CPU.
+
 Writes ``<out>/trained_<kind>.json`` and ``.md`` (default ``docs/results``; ``trained_<kind>_<model>`` for a model
 other than SmolLM2-135M).
 """

@@ -143,6 +143,7 @@ def test_train_locret_on_tiny_model_then_evict_with_the_artefact(tmp_path):
     # A second launch into the same directory resumes from the last checkpoint and has nothing left to do.
     again = run_training(c, progress=False, lm=lm)
     assert again["resumed_from"] == 4
+    assert [json.loads(x) for x in open(os.path.join(c.run_dir, "metrics.jsonl"))] == rows  # no row twice
     # ... and a different config refuses to resume there.
     c.train.method.hidden = 8
     with pytest.raises(ValueError, match="different model or training config"):
@@ -158,3 +159,18 @@ def test_train_locret_on_tiny_model_then_evict_with_the_artefact(tmp_path):
     assert res.peak_bytes < 0.7 * full.peak_bytes
     # The final logits come from the compressed cache: close to, not equal to, the full cache's.
     assert res.logits.shape == full.logits.shape
+
+
+def test_top_overlap_counts_units_only():
+    """The held-out metric: top-10% overlap among units; masked slots never count as matches (hand-worked)."""
+    from kvjax.train.locret import _top_overlap
+
+    t = 20  # k = 2
+    target = jnp.arange(t, dtype=jnp.float32)[None, None, :]  # top 2: slots 19, 18
+    all_units = jnp.ones((1, t), bool)
+    assert float(_top_overlap(target, target, all_units)) == 1.0
+    assert float(_top_overlap(-target, target, all_units)) == 0.0
+    half = target.at[..., 18].set(-5.0)  # prediction's top 2: 19, 17 -> one of two
+    assert float(_top_overlap(half, target, all_units)) == 0.5
+    one_unit = jnp.zeros((1, t), bool).at[0, 3].set(True)  # fewer units than k: only the unit counts
+    assert float(_top_overlap(-target, target, one_unit)) == 1.0

@@ -5,7 +5,7 @@ Retaining heads: one small network per layer on the attention inputs, ``R = W2 a
 the layer's query / key / value projections of a token (before RoPE, all heads concatenated) and one output per KV
 head: the token's predicted *causal importance score* (CIS). They are trained on the frozen backbone
 (:mod:`kvjax.train.locret`) to regress the maximum attention probability the token receives from later queries (over
-the query heads of its GQA group), with a Smooth-L1 loss plus ``0.0025 x`` an MSE smoothness term between the scores
+the query heads of its GQA group; the authors regress the pre-softmax logit, see Deviations), with a Smooth-L1 loss plus ``0.0025 x`` an MSE smoothness term between the scores
 of neighbouring tokens (the authors' ``train.py``).
 
 Inference: chunked prefill (:func:`kvjax.generate.prefill_chunked`). After every chunk the scores of the new tokens
@@ -15,7 +15,13 @@ last ``local_len`` tokens after the final chunk (the ``prefill`` phase). The cac
 ``budget + chunk_size`` slots per head while the prompt is prefilled (SnapKV needs the whole prompt first).
 
 Defaults are the authors' (``inference/infer.py``: budget 6000, chunk 3072, 2500 stabilizers, 100 local tokens;
-retaining-head width 1024, SiLU = the model's MLP activation). Deviations: ``budget`` counts the ``local_len``
+retaining-head width 1024). Deviations: the training target is the maximum attention *probability* a token receives
+from later queries, where the authors' data generation (``data_gen.py``) keeps the attention weights before the
+softmax, i.e. the maximum scaled logit q.k/sqrt(d): kvjax's forward observes probabilities (what every scorer here
+reads), and a probability depends on how many keys share the softmax, so the heads learn a context-length-dependent
+target and the authors' smoothness weight (0.0025, tuned for logits) weighs differently; the heads' activation is
+SiLU on every model (the authors use the model's MLP activation, GELU-tanh on Gemma 3: the heads are trained from
+scratch either way); ``budget`` counts the ``local_len``
 tail (the authors append those tokens after the last eviction, so their cache ends at ``budget + local_len``; here
 the tail is the end of the final chunk and the final eviction keeps it, ending at ``budget``); a run whose prompt is
 one chunk (the harness's one-shot prefill) scores and evicts once like the final chunk. Acts on global layers only.

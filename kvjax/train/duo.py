@@ -9,6 +9,11 @@ the ``recent`` most recent ones, the authors' training mask); the loss is the au
 over a state of :class:`~kvjax.compress.duo_attention.GatedDuoKV` layers: no second model path. Sliding-window layers
 (Gemma 3's local layers) are already local and carry no trained gate (their gates stay at 1 and are left out of the
 L1 term and of the deployment sparsity).
+
+Deviation: the distillation runs over the answer tokens' positions (``label_mask``); the authors' covers the question
+and the answer (their ``qa_tokens``), so it also includes the position before the first answer token, whose hidden
+state predicts that token. Both compare the gated model's final hidden states with the full model's where the
+retrieved content is used; the gates of the README were trained this way.
 """
 from __future__ import annotations
 

@@ -5,7 +5,10 @@ global layer's attention inputs and attention probabilities (the model's own for
 per layer, the target is the causal importance of each token (max attention from the
 batch's later queries, ``query_mask``), the prediction the retaining head's output, and the loss is the authors':
 Smooth-L1 (mean over layers, heads and tokens) + 0.0025 x the neighbouring-score MSE (summed over layers). The
-``acc`` metric is the authors' too: overlap of the top 10% tokens by prediction and by target.
+``acc`` metric is the authors' too: overlap of the top 10% tokens by prediction and by target (among the tokens
+that are units; a row with fewer units than 10% of the window counts its units only).
+Deviation (stated in :mod:`kvjax.compress.locret`): the target is the maximum attention probability, not the
+authors' maximum pre-softmax logit.
 """
 from __future__ import annotations
 
@@ -41,13 +44,17 @@ def layer_targets(model, params, tokens, mask, query_mask):
 
 
 def _top_overlap(pred, target, units):
+    """Fraction of the top ``TOP_FRACTION`` tokens by target that are also in the top by prediction, among units
+    (``units`` ``(B, T)``; ``pred``/``target`` ``(B, H, T)``): masked slots never count as matches."""
     t = pred.shape[-1]
     k = max(1, int(TOP_FRACTION * t))
     neg = jnp.where(units[:, None, :], 0.0, -1e30)
     _, ip = jax.lax.top_k(pred + neg, k)
     _, it = jax.lax.top_k(target + neg, k)
-    hit = jnp.any(ip[..., :, None] == it[..., None, :], axis=-1)
-    return hit.mean()
+    is_unit = jnp.take_along_axis(jnp.broadcast_to(units[:, None, :], pred.shape), ip, axis=-1)
+    hit = jnp.any(ip[..., :, None] == it[..., None, :], axis=-1) & is_unit
+    n = jnp.minimum(k, units.sum(-1))[:, None]  # (B, 1): a row with fewer units than k
+    return jnp.mean(hit.sum(-1) / jnp.maximum(n, 1))
 
 
 def make_loss(model):

@@ -174,7 +174,8 @@ def run_training(config, progress: bool = True, lm=None) -> dict:
     bar.close()
     ckpt.save(state, force=True)
     final_eval = heldout(int(state.step))
-    _atomic_json_line(metrics_path, final_eval)
+    if not any(r["split"] == "heldout" and r["step"] == int(state.step) for r in read_metrics(metrics_path)):
+        _atomic_json_line(metrics_path, final_eval)  # (a resumed finished run has it already)
     rows = read_metrics(metrics_path)
     plot_curve(rows, os.path.join(run_dir, "loss_curve.png"), f"{tc['kind']} on {c['model']['name']}")
     info = {"kind": tc["kind"], "model": c["model"]["name"], "model_fingerprint": fingerprint(lm.cfg, {}),
