@@ -140,6 +140,9 @@ def test_task_examples_never_reuse_evaluation_seeds(tokenizer, monkeypatch):
     Batches(DataConfig(sources=("task:passkey",), seq_len=96, seed=1, task_kwargs=(("filler", "repeat"),)),
             tokenizer).train(0)
     assert seen[n] == data_mod.TRAIN_SEED_OFFSET + 10_000_000  # another data seed, other examples
+    with pytest.raises(ValueError, match=r"data.seed must be in \[0, 50\) with task sources, got 50"):
+        DataConfig(sources=("task:passkey",), seed=50)
+    DataConfig(sources=("text:wikipedia",), seed=12345)  # text windows: any seed (MLA's calibration uses one)
     # The pass keys of the first training examples are not those of evaluation seeds 0..7.
     from kvjax.eval.tasks import get_task
 
