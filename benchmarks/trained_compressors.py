@@ -74,7 +74,7 @@ def compress(lm, method, prep, room: int, chunk: int | None):
     return logits, state, full_peak
 
 
-def gen_cell(lm, method, prep, max_new: int, chunk: int | None) -> dict:
+def gen_cell(lm, method, prep, max_new: int, chunk: int | None, speed: bool = True) -> dict:
     room = harness.generation_room(prep, max_new)
     logits, state, peak = compress(lm, method, prep, room, chunk)
     streaming = method if (method is not None and method.has_decode()) else None
@@ -94,7 +94,8 @@ def gen_cell(lm, method, prep, max_new: int, chunk: int | None) -> dict:
                 # sliding-window layers hold the same fixed-size rings from the first chunk on, whatever the method
                 peak_global_bytes=int(peak) - sum(int(nbytes(x)) for i, x in enumerate(state.layers)
                                                   if lm.cfg.layer_window(i)),
-                decode_tok_s=decode_speed(lm, logits, state, max_new, streaming, ctx), decode_tokens=n)
+                decode_tok_s=decode_speed(lm, logits, state, max_new, streaming, ctx) if speed else float("nan"),
+                decode_tokens=n)
 
 
 def decode_speed(lm, logits, state, max_new: int, streaming, ctx) -> float:
@@ -288,7 +289,8 @@ def main() -> None:
         if label in results:
             continue
         t0 = time.perf_counter()
-        cells = [gen_cell(lm, method, p, a.max_new, chunk) for p in preps]
+        # (no decode speed for the Locret table: its point is prefill memory)
+        cells = [gen_cell(lm, method, p, a.max_new, chunk, speed=a.kind == "duo") for p in preps]
         ppl = ppl_cell(lm, method, a.ppl_context, a.ppl_tokens, chunk) if a.ppl_tokens else float("nan")
         results[label] = dict(cells=cells, perplexity=ppl)
         rows = rows_from(results)
