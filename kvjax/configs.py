@@ -47,10 +47,14 @@ def sibling(config_file: str, name: str, *args) -> ml_collections.ConfigDict:
 
 def sibling_module(config_file: str, name: str):
     """The module of ``<name>.py`` beside ``config_file``, for a variant that reads its base's constants too."""
-    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    return config_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py"))
+
+
+def config_module(path: str):
+    """The config file at ``path`` executed as a module (what ml_collections' ``--config`` does)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config {name!r}: no file {path}")
-    spec = importlib.util.spec_from_file_location(f"kvjax_config_{name}", path)
+        raise FileNotFoundError(f"config {os.path.basename(path)[:-3]!r}: no file {path}")
+    spec = importlib.util.spec_from_file_location(f"kvjax_config_{os.path.basename(path)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -63,8 +63,7 @@ def main(argv) -> int:
         try:
             check_training(config)
         except (ValueError, KeyError) as e:
-            print(f"kvjax.launch: error: {e}", file=sys.stderr)
-            return 2
+            return _fail(ConfigError(str(e)))
         t = config.train
         print(f"training {t.kind} on {config.model.name}: {t.steps} steps of {t.data.batch_size} x "
               f"{t.data.seq_len} tokens from {', '.join(t.data.sources)} -> {config.run_dir}/ckpt")
@@ -174,7 +173,7 @@ def unknown_override_line(path: str | None, argv: list[str], e: BaseException) -
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     try:
         file, _, arg = (path or "configs/quickstart.py").partition(":")
-        module = configs.sibling_module(file, os.path.basename(file)[:-3])
+        module = configs.config_module(file)
         node = (module.get_config(arg) if arg else module.get_config()).to_dict()
         for dotted in overrides:
             cur, walked = node, []
