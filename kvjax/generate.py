@@ -181,18 +181,42 @@ def stack_for_loop(model: Model, params, state: KVState):
     (:func:`kvjax.state.pad_stack`). Returns ``(params, state, layout)``; ``layout`` is None when the layers stay a
     tuple, else what :func:`unstack_after_loop` needs."""
     from kvjax.models import llama  # noqa: PLC0415
-    from kvjax.state import pad_stack, stack_layers, stackable  # noqa: PLC0415
+    from kvjax.state import StackedLayers, pad_stack, stack_layers, stackable  # noqa: PLC0415
 
     raw = getattr(model.forward_impl, "raw", model.forward_impl)  # (a sharded model wraps the forward)
     if raw is not llama.forward or not stackable(params["layers"]):
         return params, state, None
-    stacked = {**params, "layers": stack_layers(params["layers"])}
+    stacked = {**params, "layers": stack_layers(params["layers"])}  # (params of loop_params are already stacked)
     if stackable(state.layers):
         return stacked, state.replace(layers=stack_layers(state.layers)), ()
     padded = pad_stack(state.layers)
-    if padded is None:  # mixed layer classes (e.g. ragged layers of different sizes): unrolled, params as given
+    if padded is None:  # mixed layer classes (e.g. ragged layers of different sizes): unrolled, params per layer
+        if isinstance(params["layers"], StackedLayers):
+            params = {**params, "layers": params["layers"].unstack()}
         return params, state, None
     return stacked, state.replace(layers=padded[0]), padded[1]
+
+
+def loop_params(model: Model, params, state: KVState):
+    """``params`` as :func:`decode_loop` will use them over ``state``: the layers' weights stacked once (one copy of
+    the weights) when the loop scans over layers, else unchanged. Passing the result to :func:`decode_loop` takes
+    that copy out of the call, so a timed decode measures the loop alone whichever layout the cache gives it (the
+    copy is a per-call constant that a scanned loop pays and an unrolled one does not)."""
+    from kvjax.state import StackedLayers  # noqa: PLC0415
+
+    if isinstance(params["layers"], StackedLayers):
+        return params
+    shapes = jax.eval_shape(lambda p, s: stack_for_loop(model, p, s)[0], params, state)
+    if not isinstance(shapes["layers"], StackedLayers):
+        return params
+    return _stack_params(params)
+
+
+@jax.jit
+def _stack_params(params):
+    from kvjax.state import stack_layers  # noqa: PLC0415
+
+    return {**params, "layers": stack_layers(params["layers"])}
 
 
 def unstack_after_loop(state: KVState, layout) -> KVState:

@@ -117,3 +117,29 @@ def test_layers_differing_in_capacity_scan_padded_like_unrolled(tiny, monkeypatc
         np.testing.assert_allclose(np.asarray(oa["colsum"]), np.asarray(ob["colsum"]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(out0.tokens))
     assert [l.capacity for l in out.state.layers] == caps
+
+
+def test_loop_params_take_the_weight_copy_out_of_the_decode_loop(tiny, monkeypatch):
+    """Weights stacked once outside the loop (how the harness times decode) decode exactly as the loop's own copy, for
+    a cache the loop scans over and for one it must unroll (the stacked weights are split again for it)."""
+    import kvjax.state as kstate
+    from kvjax.generate import decode_loop, loop_params
+    from kvjax.state import StackedLayers, resize_slots
+
+    model, params = tiny
+    prompt = jnp.asarray([[5, 9, 2, 7, 11, 3, 8, 1]], jnp.int32)
+    logits, state, _ = model.jit_forward(params, prompt, model.init_state(1, 16), logits="last")
+    rest = (jax.random.PRNGKey(0), 5, SamplingConfig(), ())
+    stacked = loop_params(model, params, state)
+    assert isinstance(stacked["layers"], StackedLayers) and not isinstance(params["layers"], StackedLayers)
+    assert loop_params(model, stacked, state) is stacked
+    for st in (state, state.replace(layers=tuple(resize_slots(l, 14 + 2 * i) for i, l in enumerate(state.layers)))):
+        if st is not state:  # layers of different capacities that the loop may not pad: it runs them unrolled
+            monkeypatch.setattr(kstate, "pad_stack", lambda layers: None)
+            assert loop_params(model, params, st) is params
+        want, got = decode_loop(model, params, logits, st, *rest), decode_loop(model, stacked, logits, st, *rest)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        for a, b in zip(got[2].layers, want[2].layers):
+            assert a.capacity == b.capacity
+            np.testing.assert_array_equal(np.asarray(a.k), np.asarray(b.k))
+            np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))

@@ -42,7 +42,7 @@ import numpy as np
 from kvjax.compress.base import Context, Identity, Method, get_method
 from kvjax.eval import scoring
 from kvjax.eval.tasks import Example, format_prompt, get_task
-from kvjax.generate import SamplingConfig, compress_prefilled, decode_loop, precompile_prefilled
+from kvjax.generate import SamplingConfig, compress_prefilled, decode_loop, loop_params, precompile_prefilled
 from kvjax.state import global_layer_nbytes, nbytes, valid_nbytes
 
 PPL_TASK = "perplexity"
@@ -334,8 +334,10 @@ def run_generation_cell(lm, variant: Variant, prep: Prepared, max_new_tokens: in
     method = None if variant.is_full else variant.method
     streaming = method if (method is not None and method.has_decode()) else None
     ctx = Context(cfg=model.cfg, decode_room=room, prompt_len=len(prep.tokens)) if streaming else None
-    args = (model, params, logits, state, jax.random.PRNGKey(0), max_new_tokens, SamplingConfig(),
-            tuple(lm.stop_tokens()), streaming, ctx)
+    # The weights stacked for a scanned loop outside the timed call (a per-call copy that an unrolled loop, e.g.
+    # DuoAttention's mixed layers, does not make): decode_tok_s is the loop's alone in every layout.
+    args = (model, _ready(loop_params(model, params, state)), logits, state, jax.random.PRNGKey(0), max_new_tokens,
+            SamplingConfig(), tuple(lm.stop_tokens()), streaming, ctx)
     # The decoding program compiles in a second thread while the answer's log-prob is computed (and its program
     # compiled) in this one: XLA compiles a program on one core, and compilation dominates short CPU runs.
     pending = _COMPILER.submit(lambda: decode_loop.lower(*args).compile()) if precompile else None
