@@ -147,3 +147,23 @@ def test_gated_layer_attention_equals_plain_mix():
             mix = gates[kv] * full + (1 - gates[kv]) * e / e.sum()
             want[0, h, i] = mix @ v[0, kv, : i + 1]
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
+def test_once_perplexity_setting_grows_streaming_heads_like_streaming_llm(tiny):
+    """The harness's "once" perplexity setting (room grown, then the continuation in one chunk): with every gate at 0
+    DuoAttention equals StreamingLLM there too. (Before, its streaming rings were not grown, and a chunk longer than
+    the window, written into the ring at once, overwrote the window its first queries needed.)"""
+    from kvjax.eval.harness import grow_room
+
+    model, params, prompt, _ = tiny
+    m = 9  # longer than the 5-token window
+    cont = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, m)), jnp.int32)
+    zeros = get_method("duo_attention", gates=DuoGates(np.zeros((2, 2))), n_sink=2, recent=5)
+    sllm = get_method("streaming_llm", n_sink=2, window=5, reposition=False)
+    got, want = [], []
+    for method, out in ((zeros, got), (sllm, want)):
+        _, st = prefill_compressed(model, params, prompt, method=method, decode_room=m)
+        grown = grow_room(st, m)
+        assert all(not isinstance(layer, DuoKV) or layer.stream.capacity >= 2 + 5 + m for layer in grown.layers)
+        out.append(np.asarray(model.jit_forward(params, cont, grown, logits="all")[0]))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)

@@ -66,21 +66,29 @@ def is_ppl_task(task: str) -> bool:
 def grow_room(state, room: int):
     """``state`` with at least ``room`` free slots after the fullest head of every global dense layer, so that a
     continuation of ``room`` tokens is appended without decode-time eviction (decode-time methods size their cache to
-    about their budget; StreamingLLM's ``[sinks | window ring]`` layout becomes a plain growing buffer). Sliding-window
+    about their budget; StreamingLLM's ``[sinks | window ring]`` layout, and DuoAttention's streaming heads', become
+    plain growing buffers). Sliding-window
     (local) layers keep their rings."""
+    from kvjax.compress.duo_attention import DuoKV
     from kvjax.quant.cache import QuantizedKV, pad_slots
     from kvjax.state import DenseKV, StackedLayers, resize_slots
+
+    def grow_dense(layer):
+        if layer.ring_start >= 0:  # a ring that has wrapped holds `capacity` tokens; new ones go after them
+            layer = layer.replace(ring_start=-1, fill=jnp.minimum(layer.fill, layer.capacity))
+        need = int(np.max(np.asarray(layer.fill))) + room
+        return resize_slots(layer, need) if layer.capacity < need else layer
 
     if isinstance(state.layers, StackedLayers):
         return state
     layers = []
     for layer in state.layers:
         if isinstance(layer, DenseKV) and not layer.window:
-            if layer.ring_start >= 0:  # a ring that has wrapped holds `capacity` tokens; new ones go after them
-                layer = layer.replace(ring_start=-1, fill=jnp.minimum(layer.fill, layer.capacity))
-            need = int(np.max(np.asarray(layer.fill))) + room
-            if layer.capacity < need:
-                layer = resize_slots(layer, need)
+            layer = grow_dense(layer)
+        elif type(layer) is DuoKV and not layer.window:  # DuoAttention: its streaming heads' ring grows like
+            # StreamingLLM's (a chunk written into a ring at once would overwrite the window its first queries need)
+            layer = layer.replace(full=grow_dense(layer.full) if layer.retrieval else layer.full,
+                                  stream=grow_dense(layer.stream) if layer.streaming else layer.stream)
         elif type(layer) is QuantizedKV and not layer.window and layer.residual == 0 and layer.keep is None \
                 and layer.spec.k_axis == "token":  # per-token codes (a decode-time evictor -> int8/int4, LaCache's)
             need = int(np.max(np.asarray(layer.fill))) + room
