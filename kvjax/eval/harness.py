@@ -460,7 +460,8 @@ def run_perplexity_cell(lm, variant: Variant, segments: np.ndarray, context_toke
     else:  # stream
         ctx = Context(cfg=model.cfg, decode_room=m, prompt_len=context_tokens)
         streaming = method if (method is not None and method.has_decode()) else None
-        args = (model, streaming, ctx if streaming else None, params, state, cont, last)
+        args = (model, streaming, ctx if streaming else None, _ready(loop_params(model, params, state)), state, cont,
+                last)  # (weights stacked outside the timed call, as for decoding)
         if precompile:
             _stream_nll.lower(*args).compile()
         t1 = time.perf_counter()
